@@ -1,0 +1,149 @@
+"""Scoring plumbing for evaluation: pass@k, result rows, summaries and the comparison table.
+
+The verdicts come from :mod:`sandbox`; this module only counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+TABLE_HEADER = (
+    "| Model / Checkpoint | Method | pass@1 | #passed / #tasks | Avg. length |\n"
+    "|---|---|:---:|:---:|:---:|"
+)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    ``n`` samples of which ``c`` passed. Computed as a product to stay exact for large n.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n} c={c}")
+    if k <= 0 or k > n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def result_row(sample: dict, result) -> dict:
+    """One line of results.jsonl: the sample's identity plus the sandbox's verdict."""
+    row = {
+        "task_id": sample["task_id"],
+        "completion_id": sample["completion_id"],
+        "passed": result.passed,
+        "status": result.status,
+    }
+    if result.tests_total is not None:
+        row["tests_passed"] = result.tests_passed
+        row["tests_total"] = result.tests_total
+    if result.compiled is not None:
+        row["compiled"] = result.compiled
+    if result.detail:
+        row["detail"] = result.detail
+    if "num_tokens" in sample:
+        row["num_tokens"] = sample["num_tokens"]
+    return row
+
+
+def score_samples(
+    tasks: Sequence[dict], samples: Sequence[dict], sandbox, progress: bool = False
+) -> list[dict]:
+    """Run every sample through ``sandbox`` and return one result row per sample, in sample order."""
+    by_id = {t["task_id"]: t for t in tasks}
+    jobs = [(by_id[s["task_id"]], s["completion"]) for s in samples]
+    results = sandbox.run_batch(jobs, progress=progress)
+    return [result_row(s, r) for s, r in zip(samples, results, strict=True)]
+
+
+def per_task_counts(results: Iterable[dict]) -> dict[str, tuple[int, int]]:
+    """task_id -> (samples, passed), in first-seen order."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in results:
+        c = counts[row["task_id"]]
+        c[0] += 1
+        c[1] += bool(row["passed"])
+    return {tid: (n, p) for tid, (n, p) in counts.items()}
+
+
+def summarize(results: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict:
+    """pass@k for every k that every task's sample count allows, plus counts per verdict.
+
+    ``passed_tasks`` counts tasks whose first sample passed (the greedy convention), so with one
+    sample per task ``pass@1 == passed_tasks / num_tasks`` exactly.
+    """
+    counts = per_task_counts(results)
+    if not counts:
+        return {"num_tasks": 0, "num_samples": 0, "pass@k": {}, "status_counts": {}}
+    min_n = min(n for n, _ in counts.values())
+    pass_k = {}
+    for k in ks:
+        if k <= min_n:
+            pass_k[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+    first = {}
+    for row in results:
+        first.setdefault(row["task_id"], row)
+    lengths = [row["num_tokens"] for row in results if "num_tokens" in row]
+    summary = {
+        "num_tasks": len(counts),
+        "num_samples": len(results),
+        "samples_per_task": min_n,
+        "pass@k": pass_k,
+        "passed_tasks": sum(bool(r["passed"]) for r in first.values()),
+        "status_counts": dict(sorted(Counter(r["status"] for r in results).items())),
+        "avg_num_tokens": (sum(lengths) / len(lengths)) if lengths else None,
+    }
+    stdin_rows = [r for r in results if "tests_total" in r]
+    if stdin_rows:
+        summary["avg_test_fraction"] = sum(
+            r["tests_passed"] / r["tests_total"] if r["tests_total"] else 0.0 for r in stdin_rows
+        ) / len(stdin_rows)
+    compiled = [r["compiled"] for r in results if "compiled" in r]
+    if compiled:
+        summary["compile_rate"] = sum(compiled) / len(compiled)
+    return summary
+
+
+def table_row(name: str, method: str, summary: dict) -> str:
+    """One row of the markdown table in the seed's columns."""
+    p1 = summary["pass@k"].get("pass@1", float("nan"))
+    avg = summary.get("avg_num_tokens")
+    avg_text = "-" if avg is None else f"{avg:.2f}"
+    return f"| `{name}` | {method} | {p1:.3f} | {summary['passed_tasks']} / {summary['num_tasks']} | {avg_text} |"
+
+
+def per_task_diff(a: Sequence[dict], b: Sequence[dict]) -> dict[str, list[str]]:
+    """Which tasks each of two result sets solves that the other does not (by first sample)."""
+
+    def solved(rows):
+        first = {}
+        for row in rows:
+            first.setdefault(row["task_id"], row)
+        return {tid for tid, r in first.items() if r["passed"]}, set(first)
+
+    solved_a, tasks_a = solved(a)
+    solved_b, tasks_b = solved(b)
+    common = tasks_a & tasks_b
+    return {
+        "only_a": sorted((solved_a - solved_b) & common),
+        "only_b": sorted((solved_b - solved_a) & common),
+        "both": sorted(solved_a & solved_b),
+        "neither": sorted(common - solved_a - solved_b),
+    }
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a pass rate: how far one task moves the number."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,536 @@
+"""Batched generation of code completions for tasks, with prompts, stops and log-probs pinned down.
+
+Prompts (:func:`render_prompt`):
+
+* base mode, function task: ``task["prompt"]`` exactly (a HumanEval-style signature + docstring).
+* base mode, stdio task: the statement as a comment header in the task's language, one comment
+  line per statement line (``# `` for Python, ``// `` for C++), each ending in a newline; the model
+  writes the program after it. The sandbox gets rendered prompt + text (:func:`completion_for_sandbox`).
+* instruct mode: the tokenizer's chat template applied to one user message asking for the function
+  or program in a fenced code block; :func:`extract_code` takes the code out of the answer.
+
+Stops. Function tasks in base mode stop at the first of :data:`BASE_STOP_SEQUENCES` in the
+completion (the start of the next top-level statement: ``"\\ndef "``, ``"\\nclass "``, ``"\\nif "``,
+``"\\nprint("``, ``"\\n#"``, or a closing ``"\\n```"``); the text is cut just before it. stdio tasks
+(a program has top-level defs of its own) and instruct mode stop at EOS only.
+``SamplingConfig.stop`` given explicitly replaces these defaults for every task. EOS (the
+tokenizer's and every id in the model's generation config, e.g. ``<|im_end|>``) always ends a
+completion and is not part of it. A :class:`~transformers.StoppingCriteria` ends each finished row
+early; ``truncated`` means the completion hit ``max_new_tokens`` with no EOS and no stop.
+
+Token ids. ``Completion.token_ids`` are the sampled ids of the kept text: every sampled token that
+lies wholly inside the kept text, plus, when a stop string begins inside a token, the kept part of
+that token re-encoded on its own (``tokenizer.encode(tail, add_special_tokens=False)``). So
+``tokenizer.decode(token_ids) == text`` for byte-level BPE tokenizers, and ``num_tokens ==
+len(token_ids)``. The prompt ids are :func:`coderl.models.encode_prompt`, the same function
+training uses.
+
+Log-probs (``return_logprobs=True``): per kept token, ``log_softmax`` of the model's raw logits
+(temperature 1, no top-p, full vocabulary), computed by one extra batched forward pass over prompt +
+kept ids after generation, with dropout off. They are aligned with ``token_ids`` exactly, including
+re-encoded tails; EOS is not included.
+
+Sampling. Greedy when ``temperature == 0``. Otherwise each completion draws its tokens from its own
+``torch.Generator`` seeded with ``derive_seed(seed, task_index, sample_index)``, so a completion
+does not depend on which other completions share its batch (up to floating-point differences
+from padding). Greedy results are identical across batch sizes (left padding with explicit
+position ids from the attention mask). The model's own generation defaults (repetition penalty, top-k, ...) are
+switched off for the call; the model is put in eval mode and its mode restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from coderl.cli import derive_seed
+from coderl.errors import UserError
+from coderl.models import encode_prompt, eval_mode, unwrap_model
+
+BASE_STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n```")
+PROMPT_MODES = ("base", "instruct")
+LANGUAGE_NAMES = {"python": "Python", "cpp": "C++"}
+COMMENT_PREFIXES = {"python": "#", "cpp": "//"}
+FENCE_TAGS = {"python": ("python", "py", "python3"), "cpp": ("cpp", "c++", "cc", "cxx")}
+# A fenced block: opening ``` with an optional tag, the body, then a closing ``` line or the end.
+_FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
+_CODE_START = {
+    "python": re.compile(r"^(?:def |async def |import |from \S+ import )", re.M),
+    "cpp": re.compile(r"^#include", re.M),
+}
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample: lengths, temperature / top-p, samples per task, batch size, prompt mode, stops."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Most new tokens per completion."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    n: int = field(default=1, metadata={"help": "Completions per task."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per generate call."})
+    prompt_mode: str = field(
+        default="base", metadata={"help": "'base' (raw prompt) or 'instruct' (chat template)."}
+    )
+    stop: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Stop strings; None = the pinned defaults for the mode and task kind."},
+    )
+
+
+@dataclass
+class Completion:
+    """One generated completion; ``token_ids`` / ``logprobs`` describe exactly ``text``."""
+
+    task_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    truncated: bool
+    logprobs: list[float] | None
+    finish_reason: str = "length"  # "eos", "stop" or "length"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and what the sandbox runs
+
+
+def task_language(task: dict) -> str:
+    return task.get("language") or "python"
+
+
+def task_kind(task: dict) -> str:
+    """ "stdio" if the task has a ``tests`` list, else "function" (the sandbox's rule)."""
+    return "stdio" if isinstance(task.get("tests"), list) else "function"
+
+
+def comment_header(statement: str, language: str) -> str:
+    """The statement as comment lines of ``language``, each ending in a newline."""
+    prefix = COMMENT_PREFIXES.get(language)
+    if prefix is None:
+        raise UserError(
+            f"no comment syntax for language {language!r} (known: {', '.join(COMMENT_PREFIXES)})"
+        )
+    lines = statement.rstrip("\n").split("\n")
+    return "".join(f"{prefix} {line}".rstrip() + "\n" for line in lines)
+
+
+def instruction(task: dict) -> str:
+    """The user message of instruct mode."""
+    language = task_language(task)
+    if task_kind(task) == "function":
+        prompt = task["prompt"] if task["prompt"].endswith("\n") else task["prompt"] + "\n"
+        return (
+            "Complete the following Python function. Answer with the whole function in one "
+            f"```python code block.\n\n```python\n{prompt}```"
+        )
+    name = LANGUAGE_NAMES.get(language, language)
+    tag = FENCE_TAGS.get(language, (language,))[0]
+    return (
+        f"Solve the following problem in {name}. The program reads standard input and writes standard "
+        f"output. Answer with the whole program in one ```{tag} code block.\n\n{task['prompt']}"
+    )
+
+
+def render_prompt(task: dict, tokenizer, prompt_mode: str) -> str:
+    """The prompt text the model continues (see the module docstring for each mode and task kind)."""
+    _check_prompt_mode(prompt_mode)
+    if prompt_mode == "instruct":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "the tokenizer has no chat template; use prompt_mode=base for this model"
+            )
+        messages = [{"role": "user", "content": instruction(task)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if task_kind(task) == "function":
+        return task["prompt"]
+    return comment_header(task["prompt"], task_language(task))
+
+
+def completion_for_sandbox(task: dict, rendered_prompt: str, text: str, prompt_mode: str) -> str:
+    """What to hand the sandbox as the completion of ``task``.
+
+    Function task, base mode: the completion text (the sandbox prepends ``task["prompt"]``).
+    stdio task, base mode: rendered prompt + text, the whole program. Instruct mode: the extracted
+    code (for a function task the whole function; the sandbox prepends the prompt and the later
+    definition wins).
+    """
+    _check_prompt_mode(prompt_mode)
+    if prompt_mode == "instruct":
+        return extract_code(text, task_language(task))
+    if task_kind(task) == "function":
+        return text
+    return rendered_prompt + text
+
+
+def extract_code(text: str, language: str) -> str:
+    """The code in a chat answer: the first fenced block tagged for ``language`` or untagged (an
+    unclosed fence runs to the end); else any fenced block; else the text from the first
+    ``#include`` (C++) / top-level ``def`` or ``import`` (Python); else the text itself."""
+    blocks = [(m[1].lower(), m[2]) for m in _FENCED_BLOCK.finditer(text)]
+    accepted = ("",) + FENCE_TAGS.get(language, (language,))
+    for tag, body in blocks:
+        if tag in accepted:
+            return _with_final_newline(body)
+    if blocks:
+        return _with_final_newline(blocks[0][1])
+    start = _CODE_START.get(language)
+    match = start.search(text) if start is not None else None
+    return text[match.start() :] if match else text
+
+
+def _with_final_newline(code: str) -> str:
+    return code if code.endswith("\n") or not code else code + "\n"
+
+
+def _check_prompt_mode(prompt_mode: str) -> None:
+    if prompt_mode not in PROMPT_MODES:
+        raise UserError(
+            f"unknown prompt mode {prompt_mode!r} (choose from {', '.join(PROMPT_MODES)})"
+        )
+
+
+def stop_sequences_for(task: dict, cfg: SamplingConfig) -> tuple[str, ...]:
+    """The stop strings for ``task``: ``cfg.stop`` if given, else the pinned default for the mode."""
+    if cfg.stop is not None:
+        return tuple(s for s in cfg.stop if s)
+    if cfg.prompt_mode == "base" and task_kind(task) == "function":
+        return BASE_STOP_SEQUENCES
+    return ()
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``(text before the earliest stop string, whether one was found)``."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def _check_config(cfg: SamplingConfig) -> None:
+    _check_prompt_mode(cfg.prompt_mode)
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {cfg.temperature}")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise UserError(
+            f"n and batch_size must be at least 1, got n={cfg.n}, batch_size={cfg.batch_size}"
+        )
+
+
+def end_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model generation config's."""
+    ids = set()
+    configured = getattr(unwrap_model(model).generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model, eos_ids: set[int], pad_id: int) -> Iterator[None]:
+    """Swap in a generation config with only our special ids, so the model's shipped defaults
+    (repetition penalty, top-k, temperature...) cannot slip into ``generate``."""
+    from transformers import GenerationConfig
+
+    base = unwrap_model(model)  # a peft wrapper generates with its base model's config
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _sampling_logits_processor(seeds: list[int], temperature: float, top_p: float):
+    from transformers import LogitsProcessor
+
+    class PerRowSampler(LogitsProcessor):
+        """Samples each row with its own generator and returns logits that allow only that token.
+
+        ``generate`` then runs in greedy mode and picks exactly these tokens, so each row's draws
+        depend on its own seed only, not on the batch it shares.
+        """
+
+        def __init__(self):
+            self.generators: list[torch.Generator] | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.generators is None:
+                self.generators = [
+                    torch.Generator(device=scores.device).manual_seed(s) for s in seeds
+                ]
+            probs = sampling_probs(scores, temperature, top_p)
+            chosen = torch.stack(
+                [
+                    torch.multinomial(probs[i], 1, generator=g)[0]
+                    for i, g in enumerate(self.generators)
+                ]
+            )
+            only_chosen = torch.full_like(scores, float("-inf"))
+            only_chosen.scatter_(1, chosen[:, None], 0.0)
+            return only_chosen
+
+    return PerRowSampler()
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next-token probabilities after temperature and nucleus (top-p) filtering, per row."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
+    filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return filtered / filtered.sum(-1, keepdim=True)
+
+
+def _stop_criteria(tokenizer, stops_per_row: list[tuple[str, ...]], prompt_width: int):
+    from transformers import StoppingCriteria
+
+    class StopStrings(StoppingCriteria):
+        """A row is done once its generated text contains one of its stop strings.
+
+        Only the last few tokens are decoded: a stop string that ends in the newest token starts at
+        most ``len(stop in bytes)`` tokens back, since every token is at least one byte.
+        """
+
+        def __init__(self):
+            longest = max((len(s.encode()) for stops in stops_per_row for s in stops), default=0)
+            self.window = longest + 1
+
+        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+            tails = input_ids[:, prompt_width:][:, -self.window :].tolist()
+            done = [
+                bool(stops) and any(s in decode(tokenizer, tail) for s in stops)
+                for tail, stops in zip(tails, stops_per_row)
+            ]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Token ids to text exactly: special tokens kept, no "tokenization space" clean-up (that
+    rewrites " ," to "," and would change code)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _ids_for_text_prefix(tokenizer, ids: list[int], kept: str) -> list[int]:
+    """Ids whose decoding is ``kept``, a prefix of ``decode(ids)``: the sampled tokens wholly
+    inside it, plus the rest of ``kept`` (part of a token cut by a stop string) re-encoded."""
+    lo, hi = 0, len(ids)
+    while lo < hi:  # largest k whose decoded length fits in kept
+        mid = (lo + hi + 1) // 2
+        if len(decode(tokenizer, ids[:mid])) <= len(kept):
+            lo = mid
+        else:
+            hi = mid - 1
+    k = lo
+    while k > 0 and not kept.startswith(decode(tokenizer, ids[:k])):
+        k -= 1
+    tail = kept[len(decode(tokenizer, ids[:k])) :]
+    return ids[:k] + (tokenizer.encode(tail, add_special_tokens=False) if tail else [])
+
+
+def finish_completion(
+    tokenizer, generated: list[int], end_ids: set[int], stops: Sequence[str]
+) -> tuple[str, list[int], str]:
+    """``(text, token_ids, finish_reason)`` for one row of generated ids (see module docstring)."""
+    reason = "length"
+    for i, token in enumerate(generated):
+        if token in end_ids:
+            generated, reason = generated[:i], "eos"
+            break
+    text = decode(tokenizer, generated)
+    kept, stopped = truncate_at_stop(text, stops)
+    if stopped:
+        return kept, _ids_for_text_prefix(tokenizer, generated, kept), "stop"
+    return text, generated, reason
+
+
+def _generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    seeds: list[int],
+    stops: list[tuple[str, ...]],
+    cfg: SamplingConfig,
+    end_ids: set[int],
+    pad_id: int,
+) -> list[tuple[str, list[int], str]]:
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    input_ids, mask = _left_pad(prompts, pad_id, device)
+    processors = LogitsProcessorList()
+    if cfg.temperature > 0:
+        processors.append(_sampling_logits_processor(seeds, cfg.temperature, cfg.top_p))
+    criteria = StoppingCriteriaList()
+    if any(stops):
+        criteria.append(_stop_criteria(tokenizer, stops, input_ids.shape[1]))
+    with _plain_generation_config(model, end_ids, pad_id), torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,  # a model trained with gradient checkpointing may have it off
+            logits_processor=processors,
+            stopping_criteria=criteria,
+        )
+    generated = sequences[:, input_ids.shape[1] :].tolist()
+    return [finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)]
+
+
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> list[list[float]]:
+    """Per-token log-probs of each completion after its prompt: log_softmax of the raw logits."""
+    device = next(model.parameters()).device
+    input_ids, mask = _left_pad([p + c for p, c in zip(prompts, completions)], pad_id, device)
+    # Left padding right-aligns every row, so all completion tokens sit in the last columns.
+    keep = max(len(c) for c in completions) + 1
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": _positions(mask)}
+    with torch.no_grad():
+        try:  # only the last `keep` columns: a full-vocabulary logit tensor per position is large
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # a model whose forward has no logits_to_keep
+            logits = model(**inputs).logits[:, -keep:]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    results = []
+    for row, tokens in enumerate(completions):
+        if not tokens:
+            results.append([])
+            continue
+        first = keep - len(tokens) - 1  # the logit column that predicts tokens[0]
+        cols = torch.arange(first, first + len(tokens), device=device)
+        targets = torch.tensor(tokens, device=device)
+        results.append(logprobs[row, cols, targets].tolist())
+    return results
+
+
+@dataclass
+class _WorkItem:
+    task_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    stops: tuple[str, ...]
+    seed: int
+
+
+def generate(
+    model,
+    tokenizer,
+    tasks: list[dict],
+    cfg: SamplingConfig,
+    seed: int = 0,
+    return_logprobs: bool = False,
+    progress: bool = False,
+) -> list[Completion]:
+    """``cfg.n`` completions per task, ordered by (task index, sample index).
+
+    Greedy decoding (``temperature == 0``) generates once per task and repeats it ``n`` times.
+    """
+    from tqdm.auto import tqdm
+
+    _check_config(cfg)
+    end_ids = end_token_ids(model, tokenizer)
+    if not end_ids:
+        raise UserError(
+            "the tokenizer has no EOS token and the model's generation config names none"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
+    copies = 1 if cfg.temperature == 0 else cfg.n
+    items = []
+    for t, task in enumerate(tasks):
+        prompt_ids = encode_prompt(tokenizer, render_prompt(task, tokenizer, cfg.prompt_mode))
+        stops = stop_sequences_for(task, cfg)
+        items += [
+            _WorkItem(t, s, prompt_ids, stops, derive_seed(seed, t, s)) for s in range(copies)
+        ]
+    # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    finished: dict[int, tuple[str, list[int], str, list[float] | None]] = {}
+    with eval_mode(model), tqdm(total=len(items), desc="generate", disable=not progress) as bar:
+        for start in range(0, len(order), cfg.batch_size):
+            batch = [items[i] for i in order[start : start + cfg.batch_size]]
+            prompts = [item.prompt_ids for item in batch]
+            outputs = _generate_batch(
+                model,
+                tokenizer,
+                prompts,
+                [i.seed for i in batch],
+                [i.stops for i in batch],
+                cfg,
+                end_ids,
+                pad_id,
+            )
+            logprobs = (
+                completion_logprobs(model, prompts, [ids for _, ids, _ in outputs], pad_id)
+                if return_logprobs
+                else [None] * len(batch)
+            )
+            for index, (text, ids, reason), lp in zip(
+                order[start : start + cfg.batch_size], outputs, logprobs
+            ):
+                finished[index] = (text, ids, reason, lp)
+            bar.update(len(batch))
+    return _assemble(items, finished, cfg.n)
+
+
+def _assemble(items: list[_WorkItem], finished: dict, n: int) -> list[Completion]:
+    completions = []
+    by_task: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        by_task.setdefault(item.task_index, []).append(index)
+    for task_index in sorted(by_task):
+        indices = by_task[task_index]
+        for sample_index in range(n):
+            # Greedy runs generate one item per task; every sample is a copy of it.
+            text, ids, reason, logprobs = finished[indices[min(sample_index, len(indices) - 1)]]
+            completions.append(
+                Completion(
+                    task_index=task_index,
+                    sample_index=sample_index,
+                    text=text,
+                    token_ids=list(ids),
+                    num_tokens=len(ids),
+                    truncated=reason == "length",
+                    logprobs=list(logprobs) if logprobs is not None else None,
+                    finish_reason=reason,
+                )
+            )
+    return completions

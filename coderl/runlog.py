@@ -1,0 +1,112 @@
+"""Run logging: always local (``metrics.jsonl`` + TensorBoard under ``runs/<name>/``), trackers opt-in.
+
+Metric names are namespaced (``train/``, ``rollout/``, ``eval/``). Every record carries the step,
+so a resumed run appends to the same files and plots stay continuous.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """Turn tensors / numpy scalars into JSON numbers; NaN/inf become None (JSON has no NaN)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLogger:
+    """Writes metrics to ``<run_dir>/metrics.jsonl`` and TensorBoard; W&B when ``report_to`` says so.
+
+    ``enabled=False`` (non-main processes under accelerate) makes every call a no-op.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: dict | None = None,
+        report_to: str = "tensorboard",
+        enabled: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        targets = {t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"}
+        if config is not None:
+            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if "wandb" in targets:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "coderl"),
+                name=self.run_dir.name,
+                config=config,
+                resume="allow",
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        self._metrics.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self._tb is not None:
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Append sampled completions with their rewards and verdicts to ``samples.jsonl``."""
+        if not self.enabled or not rows:
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as fh:
+            for row in rows:
+                fh.write(json.dumps({"step": step, **row}, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of ``metrics.jsonl``, later records for the same step replacing earlier ones
+    (a resumed run rewrites the steps after its last checkpoint)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[tuple[int, frozenset], dict] = {}
+    order = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        key = (rec["step"], frozenset(k for k in rec if k not in ("step", "time")))
+        if key not in by_step:
+            order.append(key)
+        by_step[key] = rec
+    return [by_step[k] for k in order]

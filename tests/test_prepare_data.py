@@ -1,0 +1,191 @@
+"""prepare_data.py end to end: default files and counts, byte-identical reruns, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import coderl.hub_data as hub_data
+import prepare_data
+from coderl.errors import UserError
+from coderl.tasks import load_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL_TOY = [
+    "--toy_python_train",
+    "40",
+    "--toy_python_test",
+    "20",
+    "--toy_cpp_train",
+    "20",
+    "--toy_cpp_test",
+    "10",
+]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "prepare_data.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_default_run_writes_every_file_with_its_count_and_reruns_identically(tmp_path):
+    first = run_script("--output_dir", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    expected = {
+        "humaneval": 164,
+        "humaneval_train": 131,
+        "humaneval_test": 33,
+        "toy_python_train": 500,
+        "toy_python_test": 300,
+        "toy_cpp_train": 300,
+        "toy_cpp_test": 100,
+    }
+    for name, count in expected.items():
+        assert f"wrote {tmp_path / 'a' / name}.jsonl ({count} tasks)" in first.stdout
+        assert len(load_tasks(tmp_path / "a" / f"{name}.jsonl")) == count
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        f"{n}.jsonl" for n in expected
+    )
+    test_ids = {t["task_id"] for t in load_tasks(tmp_path / "a" / "humaneval_test.jsonl")}
+    train_ids = {t["task_id"] for t in load_tasks(tmp_path / "a" / "humaneval_train.jsonl")}
+    assert not test_ids & train_ids
+
+    second = run_script("--output_dir", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    for name in expected:
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (
+            tmp_path / "b" / f"{name}.jsonl"
+        ).read_bytes()
+
+
+def test_bad_flag_is_one_line_and_exit_2(tmp_path):
+    done = run_script("--output_dir", str(tmp_path), "--no_such_flag", "1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown option(s): --no_such_flag 1 (see --help)"
+    ]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_help_documents_every_option():
+    done = run_script("--help")
+    assert done.returncode == 0
+    for option in (
+        "--output_dir",
+        "--source",
+        "--seed",
+        "--toy_max_ops",
+        "--languages",
+        "--splits",
+        "--max_rows",
+    ):
+        assert option in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--source", "humaneval,apps"],
+            "--source: unknown apps (choose from humaneval, toy, mbpp,",
+        ),
+        (["--source", " , "], "--source is empty"),
+        (["--toy_python_test", "-1"], "--toy_python_test must be >= 0, got -1"),
+        (["--toy_max_ops", "0"], "--toy_max_ops must be >= 1, got 0"),
+        (["--humaneval_test_size", "0"], "HumanEval test size must be between 1 and 163, got 0"),
+        (
+            ["--source", "code_contests", "--languages", "java"],
+            "--languages: unknown java (choose from python, cpp)",
+        ),
+    ],
+)
+def test_bad_values_are_user_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--output_dir", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}")
+    assert err.count("\n") == 1
+
+
+def test_options_are_parsed_and_toy_sizes_follow_them(tmp_path, capsys):
+    prepare_data.main(
+        ["--output_dir", str(tmp_path), "--source", "toy", "--toy_max_ops", "2", *SMALL_TOY]
+    )
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'toy_python_train.jsonl'} (40 tasks)" in out
+    assert f"wrote {tmp_path / 'toy_cpp_test.jsonl'} (10 tasks)" in out
+    solutions = [t["canonical_solution"] for t in load_tasks(tmp_path / "toy_python_train.jsonl")]
+    assert max(solution.count("\n") for solution in solutions) == 3  # 2 steps + return
+
+
+def test_hub_sources_write_one_file_per_split_and_report_skips(tmp_path, capsys, monkeypatch):
+    def fixture_loader(path, config, split, max_rows=0):
+        if path == "deepmind/code_contests":
+            return json.loads((FIXTURES / "code_contests_rows.json").read_text())
+        if path == hub_data.DEEPCODER_PATH:
+            return json.loads((FIXTURES / "deepcoder_rows.json").read_text())[config]
+        name = "mbpp_sanitized_rows.json" if config == "sanitized" else "mbpp_full_rows.json"
+        return json.loads((FIXTURES / name).read_text())
+
+    monkeypatch.setattr(hub_data, "load_hub_rows", fixture_loader)
+    prepare_data.main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--source",
+            "mbpp,mbpp_sanitized,code_contests,deepcoder",
+            "--splits",
+            "train,test",
+            "--deepcoder_subsets",
+            "lcbv5,taco",
+            "--languages",
+            "python,cpp",
+        ]
+    )
+    out = capsys.readouterr().out
+    counts = {
+        "mbpp_train": 6,
+        "mbpp_test": 6,
+        "mbpp_sanitized_test": 2,
+        "code_contests_test": 1,
+        "deepcoder_lcbv5_train": 2,
+        "deepcoder_lcbv5_test": 2,
+        "deepcoder_taco_train": 2,
+    }
+    for name, count in counts.items():
+        assert f"wrote {tmp_path / name}.jsonl ({count} tasks)" in out
+        assert len(load_tasks(tmp_path / f"{name}.jsonl")) == count
+    assert not (tmp_path / "deepcoder_taco_test.jsonl").exists()  # taco has no test split
+    assert "  code_contests_test: skipped 1 row(s): no python/cpp solution" in out
+    assert "  deepcoder_taco_train: skipped 1 row(s): tests are not valid JSON" in out
+    assert load_tasks(tmp_path / "code_contests_test.jsonl")[0]["language"] == "python"
+    assert load_tasks(tmp_path / "deepcoder_lcbv5_test.jsonl")[0]["language"] == "python"
+
+
+def test_offline_hub_source_fails_in_one_line_after_local_files_are_written(
+    tmp_path, capsys, monkeypatch
+):
+    def offline(path, config, split, max_rows=0):
+        raise UserError(f"cannot load {path} ({config}) split {split!r} from the hub: no network")
+
+    monkeypatch.setattr(hub_data, "load_hub_rows", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--output_dir", str(tmp_path), "--source", "toy,mbpp", *SMALL_TOY])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: cannot load google-research-datasets/mbpp (full) split 'train' from the hub:"
+        " no network\n"
+    )
+    assert len(load_tasks(tmp_path / "toy_python_train.jsonl")) == 40

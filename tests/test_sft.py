@@ -1,0 +1,470 @@
+"""train_sft_lora.py: options and errors, tokenization, the masked loss by hand, the per-token
+gradient over an accumulation window, end-to-end runs (LoRA fp32, QLoRA 4-bit, TinyLoRA), exact
+resume, and that SFT learns the toy family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft_lora as sft
+from coderl.generation import completion_for_sandbox, render_prompt
+from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
+from coderl.runlog import read_metrics
+from coderl.tasks import load_tasks, write_jsonl
+from coderl.training import ModelArgs, prompt_token_ids
+from tests import training_fixtures
+from tests.training_fixtures import run_script
+
+# Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixtures here.
+toy_data_dir = training_fixtures.toy_data_dir
+sft_run = training_fixtures.sft_run
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def python_task(toy_data_dir, index: int = 0) -> dict:
+    return load_tasks(toy_data_dir / "toy_python_train.jsonl")[index]
+
+
+def cpp_task(toy_data_dir, index: int = 0) -> dict:
+    return load_tasks(toy_data_dir / "toy_cpp_train.jsonl")[index]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
+    return [
+        "--model", str(tiny_model_dir),
+        "--quantization", "none",
+        "--train_file", str(train_file),
+        "--output_dir", str(tmp_path / name),
+        "--logging_dir", str(tmp_path / "runs"),
+        "--run_name", name,
+        "--report_to", "none",
+        "--learning_rate", "3e-3",
+        "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
+    """The first 24 toy Python training tasks: enough for a few steps, quick to tokenize."""
+    path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
+    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
+    return path
+
+
+# --------------------------------------------------------------------------- options and errors
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for args_type in (ModelArgs, sft.SFTTrainArgs, sft.SFTDataArgs):
+        for f in dataclasses.fields(args_type):
+            assert f"--{f.name}" in out, f.name
+            assert f.metadata.get("help"), f"--{f.name} has no help"
+    assert "--config" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_file", "missing.jsonl"], "file not found: missing.jsonl"),
+        (["--train_file", str(FIXTURES / "tasks_bad_json.jsonl")], "tasks_bad_json.jsonl:"),
+        (
+            ["--train_file", str(FIXTURES / "tasks_missing_field.jsonl")],
+            "tasks_missing_field.jsonl:",
+        ),
+        ([], "--train_file is required"),
+        (["--train_file", "x.jsonl", "--max_length", "1"], "--max_length"),
+        (["--train_file", "x.jsonl", "--eval_every", "5"], "--eval_every needs --eval_file"),
+        (["--train_file", "x.jsonl", "--adapter", "bogus"], "bogus"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--model", "unused", "--output_dir", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err_lines) >= 1 and message in err_lines[-1]
+    if "bogus" not in message:  # argparse prints usage first for a bad choice; ours is one line
+        assert len(err_lines) == 1 and err_lines[0].startswith("error: ")
+
+
+def test_bad_input_as_a_user_sees_it(tmp_path):
+    proc = run_script(
+        "train_sft_lora.py",
+        ["--model", "m", "--output_dir", "o", "--train_file", "nope.jsonl"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: file not found: nope.jsonl"]
+
+
+def test_a_task_file_without_solutions_is_refused(tmp_path, capsys):
+    rows = [
+        {
+            "task_id": "t/0",
+            "prompt": "def f():\n",
+            "entry_point": "f",
+            "test": "def check(candidate):\n    assert candidate() == 1\n",
+        }
+    ]
+    write_jsonl(tmp_path / "nosol.jsonl", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(
+            [
+                "--model",
+                "unused",
+                "--output_dir",
+                "o",
+                "--train_file",
+                str(tmp_path / "nosol.jsonl"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "no task has a canonical_solution" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@pytest.mark.parametrize("mode", ["base", "instruct"])
+@pytest.mark.parametrize("family", ["python", "cpp"])
+def test_prompt_ids_are_generations_and_the_target_ends_in_eos(
+    tiny_model_dir, toy_data_dir, family, mode
+):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    task = python_task(toy_data_dir) if family == "python" else cpp_task(toy_data_dir)
+    example = sft.encode_example(task, tokenizer, mode)
+    prompt = render_prompt(task, tokenizer, mode)
+    assert list(example.prompt_ids) == encode_prompt(tokenizer, prompt)
+    assert list(example.prompt_ids) == prompt_token_ids(tokenizer, prompt)
+    assert example.prompt_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.bos_token_id not in example.target_ids
+    assert example.target_ids[-1] == tokenizer.eos_token_id
+    target = tokenizer.decode(list(example.target_ids[:-1]))
+    assert target == sft.target_text(task, mode)
+    if mode == "base":
+        # Exactly the canonical solution: indentation kept, nothing stripped.
+        assert target == task["canonical_solution"]
+    else:
+        assert target.startswith(f"```{task['language']}\n") and target.endswith("```")
+
+
+def test_batch_masks_the_prompt_and_padding(tiny_model_dir, toy_data_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tasks = [python_task(toy_data_dir, 0), python_task(toy_data_dir, 1), cpp_task(toy_data_dir)]
+    examples = [sft.encode_example(t, tokenizer, "base") for t in tasks]
+    input_ids, attention, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
+    width = max(ex.num_tokens for ex in examples)
+    assert input_ids.shape == (3, width) and loss_mask.shape == (3, width - 1)
+    for row, ex in enumerate(examples):
+        n, p = ex.num_tokens, len(ex.prompt_ids)
+        assert input_ids[row, :n].tolist() == [*ex.prompt_ids, *ex.target_ids]
+        assert attention[row].tolist() == [1] * n + [0] * (width - n)
+        # loss_mask[t-1] says whether token t is learned: the target tokens only, EOS included.
+        assert loss_mask[row].tolist() == [0.0] * (p - 1) + [1.0] * (n - p) + [0.0] * (width - n)
+
+
+def test_overlong_examples_are_dropped_or_truncated_and_counted(tiny_model_dir, toy_data_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:30]
+    examples = [sft.encode_example(t, tokenizer, "base") for t in tasks]
+    limit = sorted(ex.num_tokens for ex in examples)[len(examples) // 2]
+    over = [ex for ex in examples if ex.num_tokens > limit]
+    # Truncation cuts the target; an example whose prompt alone fills the budget is dropped.
+    no_room = sum(len(ex.prompt_ids) >= limit for ex in over)
+    assert over and len(over) > no_room
+    dropped = sft.build_examples(tasks, tokenizer, "base", limit, "drop")
+    assert dropped.dropped_overlong == len(over) and len(dropped.examples) == 30 - len(over)
+    assert all(ex.num_tokens <= limit for ex in dropped.examples)
+    cut = sft.build_examples(tasks, tokenizer, "base", limit, "truncate")
+    assert cut.truncated_overlong == len(over) - no_room and cut.dropped_overlong == no_room
+    assert len(cut.examples) == 30 - no_room
+    assert max(ex.num_tokens for ex in cut.examples) == limit
+
+
+@pytest.mark.parametrize("mode", ["base", "instruct"])
+def test_the_target_is_a_program_the_sandbox_passes(tiny_model_dir, toy_data_dir, mode):
+    """What SFT teaches, put through the inference path, passes the task's own tests."""
+    from sandbox import Sandbox
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tasks = [python_task(toy_data_dir, 0), python_task(toy_data_dir, 1), cpp_task(toy_data_dir)]
+    jobs = []
+    for task in tasks:
+        example = sft.encode_example(task, tokenizer, mode)
+        text = tokenizer.decode(list(example.target_ids[:-1]))  # generation drops the EOS
+        prompt = render_prompt(task, tokenizer, mode)
+        jobs.append((task, completion_for_sandbox(task, prompt, text, mode)))
+    with Sandbox(workers=1, timeout=10.0) as box:
+        results = box.run_batch(jobs)
+    assert [r.status for r in results] == ["passed"] * len(tasks)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def test_masked_loss_equals_hand_computation(tiny_model_dir, toy_data_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    tasks = [python_task(toy_data_dir, 2), cpp_task(toy_data_dir, 1)]
+    examples = [sft.encode_example(t, tokenizer, "base") for t in tasks]
+    with torch.no_grad():
+        got = sft.summed_token_nll(model, *sft.collate(examples, tokenizer.pad_token_id))
+        expected, count = 0.0, 0
+        for ex in examples:
+            ids = torch.tensor([[*ex.prompt_ids, *ex.target_ids]])
+            logits = model(input_ids=ids).logits[0].double()  # one unpadded row at a time
+            for j, token in enumerate(ex.target_ids):
+                position = len(ex.prompt_ids) + j  # token at `position` predicted from position-1
+                expected -= torch.log_softmax(logits[position - 1], dim=-1)[token].item()
+                count += 1
+    assert count == sum(len(ex.target_ids) for ex in examples)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # A random-init model is near-uniform over the vocabulary: a sanity check of the scale.
+    assert expected / count == pytest.approx(math.log(len(tokenizer)), rel=0.1)
+
+
+def make_trainable_model(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
+    # LoRA's B starts at zero, which leaves A without a gradient; give B a value to test both.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model.eval()  # no dropout anywhere: the two computations below must see the same function
+    return model, tokenizer
+
+
+def fake_run(accumulation: int):
+    from accelerate import Accelerator
+
+    return types.SimpleNamespace(
+        accelerator=Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    )
+
+
+def test_step_gradient_is_the_per_token_mean_over_the_whole_step(tiny_model_dir, toy_data_dir):
+    """Two micro-batches of different sizes and lengths: the update equals -lr * grad of
+    (sum of every target token's loss in the step) / (target tokens in the step)."""
+    model, tokenizer = make_trainable_model(tiny_model_dir)
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
+    examples = [sft.encode_example(t, tokenizer, "base") for t in tasks]
+    micro_batches = [examples[:2], examples[2:]]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    total = sum(len(ex.target_ids) for ex in examples)
+    loss = sft.summed_token_nll(model, *sft.collate(examples, tokenizer.pad_token_id)) / total
+    grads = torch.autograd.grad(loss, list(params.values()))
+    expected = {n: -g for n, g in zip(params, grads)}
+
+    run = fake_run(accumulation=2)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    prepared_model, optimizer = run.accelerator.prepare(model, optimizer)
+    metrics = sft.train_step(
+        run, prepared_model, optimizer, scheduler, micro_batches, tokenizer.pad_token_id, 0.0
+    )
+    assert metrics["train/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["train/loss_tokens"] == total
+    for name, param in params.items():
+        torch.testing.assert_close(
+            param.detach() - before[name], expected[name], atol=1e-6, rtol=1e-4
+        )
+
+
+def test_training_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_dir):
+    from coderl.training import build_optimizer
+
+    model, tokenizer = make_trainable_model(tiny_model_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and adapter and all("lora_" in n for n in adapter)
+    examples = [
+        sft.encode_example(t, tokenizer, "base")
+        for t in load_tasks(toy_data_dir / "toy_python_train.jsonl")[:4]
+    ]
+    args = sft.SFTTrainArgs(output_dir="x", learning_rate=1e-2, weight_decay=0.1, max_steps=2)
+    optimizer, scheduler = build_optimizer([p for p in model.parameters() if p.requires_grad], args)
+    run = fake_run(accumulation=2)
+    prepared_model, optimizer = run.accelerator.prepare(model, optimizer)
+    prepared_model.train()
+    for _ in range(2):
+        sft.train_step(
+            run, prepared_model, optimizer, scheduler, [examples[:2], examples[2:]], 0, 1.0
+        )
+    after = dict(model.named_parameters())
+    for name, value in frozen.items():
+        assert torch.equal(after[name].detach(), value), name
+    for name, value in adapter.items():
+        assert not torch.equal(after[name].detach(), value), name
+
+
+def test_steps_from_epochs():
+    assert sft.steps_for_epochs(500, 1.0, 8) == 63
+    assert sft.steps_for_epochs(500, 2.5, 16) == 79
+    assert sft.steps_for_epochs(3, 0.1, 8) == 1
+    args = sft.SFTTrainArgs(per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    assert sft.resolve_max_steps(args, 100, num_processes=2) == 7
+    assert sft.resolve_max_steps(dataclasses.replace(args, max_steps=5), 100, 2) == 5
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def read_run(tmp_path: Path, name: str) -> tuple[list[dict], dict]:
+    run_dir = tmp_path / "runs" / name
+    return read_metrics(run_dir), json.loads((run_dir / "config.json").read_text())
+
+
+def assert_only_the_adapter_was_trained(output_dir: Path, config: dict) -> dict:
+    """Between the first checkpoint and the final adapter exactly the trainable values moved.
+
+    The saved files hold adapter tensors only (the base is never written); TinyLoRA also saves
+    its frozen SVD factors and projections, which must not move.
+    """
+    final = adapter_tensors(output_dir / "final")
+    first = adapter_tensors(output_dir / "checkpoint-1")
+    assert final.keys() == first.keys()
+    moved = sum(t.numel() for k, t in final.items() if not torch.equal(t, first[k]))
+    assert moved == config["computed"]["trainable_params"] > 0
+    meta = json.loads((output_dir / "final" / "meta.json").read_text())
+    assert meta["args"]["computed"]["trainable_params"] == moved
+    return final
+
+
+def test_end_to_end_lora_fp32_with_validation(
+    tiny_model_dir, toy_data_dir, small_train_file, tmp_path
+):
+    config_file = tmp_path / "sft.yaml"
+    config_file.write_text("max_steps: 3\nsave_every: 1\nkeep_last: 5\n")
+    args = [
+        *base_args(tiny_model_dir, small_train_file, tmp_path, "fp32"),
+        "--config", str(config_file),
+        "--eval_file", str(toy_data_dir / "toy_python_test.jsonl"),
+        "--eval_every", "2",
+        "--eval_tasks", "3",
+        "--eval_max_new_tokens", "16",
+        "--sandbox_workers", "1",
+    ]  # fmt: skip
+    proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics, config = read_run(tmp_path, "fp32")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert set(m) >= {
+            "train/loss",
+            "train/lr",
+            "train/grad_norm",
+            "train/tokens",
+            "train/epoch",
+        }
+        assert math.isfinite(m["train/loss"]) and m["train/lr"] == pytest.approx(
+            3e-3 * (4 - m["step"]) / 3
+        )
+    # 2 x 2 examples per step out of 24: the epoch and token counters move with the data.
+    assert [m["train/epoch"] for m in metrics] == pytest.approx([4 / 24, 8 / 24, 12 / 24])
+    assert metrics[0]["train/tokens"] < metrics[1]["train/tokens"] < metrics[2]["train/tokens"]
+    # Validation at step 2 (eval_every) and at the end.
+    assert [m["step"] for m in metrics if "eval/pass@1" in m] == [2, 3]
+    assert all(0.0 <= m["eval/pass@1"] <= 1.0 for m in metrics if "eval/pass@1" in m)
+    assert config["computed"]["max_steps"] == 3 and config["computed"]["examples"] == 24
+    assert config["computed"]["model"]["quantization"] == "none"
+    assert_only_the_adapter_was_trained(tmp_path / "fp32", config)
+    assert (tmp_path / "fp32" / "final" / "adapter_config.json").is_file()
+
+
+def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
+    args = [
+        *base_args(tiny_model_dir, small_train_file, tmp_path, "q4"),
+        "--quantization", "4bit",
+        "--max_steps", "2",
+        "--save_every", "1",
+    ]  # fmt: skip
+    proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics, config = read_run(tmp_path, "q4")
+    assert config["computed"]["model"]["quantization"] == "4bit"
+    assert all(math.isfinite(m["train/loss"]) for m in metrics) and len(metrics) == 2
+    final = assert_only_the_adapter_was_trained(tmp_path / "q4", config)
+    assert all("lora_" in k for k in final)
+
+
+def test_end_to_end_tinylora_trains_exactly_32_parameters(
+    tiny_model_dir, small_train_file, tmp_path
+):
+    args = [
+        *base_args(tiny_model_dir, small_train_file, tmp_path, "tiny"),
+        "--adapter", "tinylora",
+        "--tinylora_u", "32",
+        "--tinylora_weight_tying", "1.0",
+        "--max_steps", "2",
+        "--save_every", "1",
+        "--learning_rate", "1e-2",
+    ]  # fmt: skip
+    proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics, config = read_run(tmp_path, "tiny")
+    assert config["computed"]["trainable_params"] == 32
+    assert config["computed"]["model"]["trainable_params"] == 32
+    assert "trainable_params=32" in proc.stderr
+    assert_only_the_adapter_was_trained(tmp_path / "tiny", config)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(
+    tiny_model_dir, small_train_file, tmp_path
+):
+    """3 steps, then --resume to 6, against 6 steps in one go: the same batches (epoch, tokens)
+    and the same losses, learning rates (warm-up crosses the resume) and gradient norms."""
+    common = [
+        "--lr_scheduler", "constant",
+        "--warmup_steps", "4",
+        "--save_every", "3",
+        "--lora_dropout", "0.1",  # dropout draws from the RNG, so the restored RNG state matters
+    ]  # fmt: skip
+    whole = [*base_args(tiny_model_dir, small_train_file, tmp_path, "whole"), *common]
+    sft.main([*whole, "--max_steps", "6"])
+    parts = [*base_args(tiny_model_dir, small_train_file, tmp_path, "parts"), *common]
+    sft.main([*parts, "--max_steps", "3"])
+    sft.main([*parts, "--max_steps", "6", "--resume"])
+
+    uninterrupted, _ = read_run(tmp_path, "whole")
+    resumed, _ = read_run(tmp_path, "parts")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    keys = ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/epoch")
+    for a, b in zip(uninterrupted, resumed):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    # Warm-up over 4 steps crosses the resume: step 4 runs at 3/4 of the peak (the first at 0).
+    assert [m["train/lr"] for m in resumed[2:5]] == pytest.approx([1.5e-3, 2.25e-3, 3e-3])
+    a = adapter_tensors(tmp_path / "whole" / "final")
+    b = adapter_tensors(tmp_path / "parts" / "final")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_learns_the_toy_family(sft_run):
+    metrics = read_metrics(sft_run.run_dir)
+    losses = [m["train/loss"] for m in metrics]
+    assert len(losses) == 40
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    assert (sft_run.adapter_dir / "adapter_config.json").is_file()
