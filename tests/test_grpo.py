@@ -13,13 +13,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
+from tests.training_fixtures import run_script, script_env
 from train_grpo_lora import (
+    adapter_folded,
     assemble_groups,
     completion_logprobs,
+    foldable_adapter_layers,
     group_advantages,
     grpo_loss,
     overlong_penalty,
-    pack_left_right,
+    pack_rows,
     zero_std_groups,
 )
 
@@ -148,10 +152,12 @@ def test_clipped_tokens_get_no_gradient():
 # --------------------------------------------------------------------------- gradient
 
 
-def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir, share_prompts):
     """mu = 1, beta = 0: rho = 1, and the GRPO gradient is the policy gradient
     -1/N sum_i A_i * (1/|y_i|) sum_t grad log pi(y_it), computed here through the shared
-    right-padded plumbing (coderl.training.token_logprobs), not the script's packing."""
+    right-padded plumbing (coderl.training.token_logprobs: one pass per full row), both when the
+    script runs each prompt once for its group and when it runs every row whole."""
     from coderl.models import add_adapter, load_model
     from coderl.training import pack_sequences, token_logprobs
 
@@ -169,8 +175,9 @@ def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir):
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
 
-    batch = pack_left_right(prompt_of, completions, tok.pad_token_id)
-    new_lp, _ = completion_logprobs(model, batch)
+    batch = pack_rows(prompt_of, completions, tok.pad_token_id)
+    assert batch.prompt_ids.shape[0] == 2 and batch.row_prompt.tolist() == [0, 0, 1, 1]
+    new_lp, _ = completion_logprobs(model, batch, share_prompts=share_prompts)
     loss, _ = grpo_loss(
         new_lp, new_lp.detach(), None, adv, batch.completion_mask, 0.2, 0.2, 0.0, "grpo", 8
     )
@@ -178,12 +185,42 @@ def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir):
 
     ids, att, cmask = pack_sequences(prompt_of, completions, tok.pad_token_id)
     lp = token_logprobs(model, ids, att)
+    torch.testing.assert_close(
+        new_lp[batch.completion_mask.bool()], lp[cmask.bool()], rtol=1e-5, atol=1e-5
+    )
     per_seq = (lp * cmask).sum(1) / cmask.sum(1)
     reinforce = -(adv * per_seq).sum() / 4
     expected = torch.autograd.grad(reinforce, params)
     assert any(float(g.abs().max()) > 1e-6 for g in expected)
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+
+
+def test_folded_adapter_gives_the_same_logits_and_leaves_the_adapter_alone(tiny_model_dir):
+    from coderl.models import add_adapter, load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir)
+    model = add_adapter(model, "lora", r=4, alpha=8, dropout=0.0)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([tok.encode("def f(x):\n    return x + 1\n")])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with adapter_folded(model):
+            assert not any("lora" in n for n, _ in model.named_modules())  # plain linears now
+            folded = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert float((plain - again).abs().max()) == 0
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
+    assert float((folded - plain).abs().max()) > 0  # it really ran the folded weights
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    half, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    assert foldable_adapter_layers(add_adapter(half, "lora", r=4)) == []  # would round dW away
 
 
 # --------------------------------------------------------------------------- zero-std groups
@@ -248,9 +285,6 @@ def test_resample_gives_up_after_the_budget_and_reports_the_dropped_share():
 
 # --------------------------------------------------------------------------- scripts end to end
 
-# Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
-from tests.training_fixtures import run_script, script_env  # noqa: E402
-
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -278,24 +312,23 @@ def check_ran(proc) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_help_lists_every_algorithm_option():
-    proc = run_script("train_grpo_lora.py", ["--help"], cwd=ROOT)
-    assert proc.returncode == 0
+def test_help_lists_every_algorithm_option(capsys):
+    import train_grpo_lora
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo_lora.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
     for flag in ("--scale_rewards", "--loss_type", "--epsilon_high", "--num_iterations", "--beta",
                  "--zero_std", "--max_resample_rounds", "--mask_truncated", "--overlong_penalty",
-                 "--adapter", "--reward", "--prompt_mode", "--config"):  # fmt: skip
-        assert flag in proc.stdout
-
-
-def test_bad_option_is_one_line_and_exit_2(tmp_path):
-    proc = run_script("train_grpo_lora.py", ["--output_dir", "x", "--epsilon", "1.5"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --epsilon must be in (0, 1), got 1.5"]
+                 "--adapter", "--reward", "--prompt_mode", "--merge_for_generation", "--config"):  # fmt: skip
+        assert flag in text
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--epsilon", "1.5"], "--epsilon must be in (0, 1), got 1.5"),
         (["--num_generations", "1"], "--num_generations must be at least 2"),
         (["--overlong_penalty", "--overlong_buffer", "0"], "--overlong_buffer must be in"),
         (["--adapter", "qlora", "--quantization", "none"], "--adapter qlora needs a 4-bit base"),
@@ -304,7 +337,7 @@ def test_bad_option_is_one_line_and_exit_2(tmp_path):
         (["--init_adapter", "/nonexistent"], "no adapter_config.json"),
     ],
 )
-def test_bad_values_are_user_errors(argv, message, capsys, tmp_path):
+def test_bad_values_are_one_line_errors_with_exit_2(argv, message, capsys, tmp_path):
     import train_grpo_lora
 
     with pytest.raises(SystemExit) as exit_info:
@@ -471,3 +504,13 @@ def test_tinylora_trains_exactly_u_parameters(runs):
     changed = [k for k in first if not torch.equal(first[k], second[k])]
     assert len(changed) == 1 and "tinylora_v" in changed[0]
     assert first[changed[0]].numel() == 32 and first[changed[0]].dtype == torch.float32
+
+
+def test_value_outside_the_choices_exits_2_naming_the_option(capsys, tmp_path):
+    import train_grpo_lora
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo_lora.main(["--output_dir", str(tmp_path), "--loss_type", "ppo"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--loss_type" in last and "invalid choice" in last

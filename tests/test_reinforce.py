@@ -7,12 +7,22 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import train_rl_lora as rl
+from coderl.models import add_adapter, load_model
+from coderl.runlog import read_metrics
+from coderl.tasks import load_tasks, write_jsonl
+from coderl.training import Rollout, prompt_token_ids
+from tests import training_fixtures
+from tests.training_fixtures import run_script, script_env
+
+# Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixture here.
+toy_data_dir = training_fixtures.toy_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,3 +174,348 @@ def test_kl_k1_is_a_score_function_penalty():
     assert loss.item() == pytest.approx(float((k1 * seq).sum() / 2))
     loss.backward()
     assert torch.allclose(logprobs.grad, k1[:, None] / 2 * mask)
+
+
+# --------------------------------------------------------------------------- one update, in process
+
+
+def fake_run():
+    from accelerate import Accelerator
+
+    return types.SimpleNamespace(accelerator=Accelerator(cpu=True))
+
+
+def make_policy(tiny_model_dir):
+    """The tiny model with a LoRA adapter whose B is nonzero (so A has a gradient too)."""
+    model, tokenizer = load_model(tiny_model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    return model, tokenizer
+
+
+def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
+    from coderl.generation import render_prompt
+
+    rows = []
+    for i, (task, text, keep) in enumerate(zip(tasks, completions, masks)):
+        prompt_ids = prompt_token_ids(tokenizer, render_prompt(task, tokenizer, "base"))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        status = "passed" if keep else "infra_error"
+        result = types.SimpleNamespace(status=status, passed=keep, compiled=None)
+        rows.append(
+            Rollout(i, 0, task, prompt_ids, ids, text, text, len(ids), False, result, 1.0, keep)
+        )
+    return rows
+
+
+def step_gradients(model, tokenizer, rollouts, advantages, aggregation="sum"):
+    """Gradients of the trainable parameters after one policy_update with SGD(lr=1)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=1.0)
+    args = rl.ReinforceArgs(micro_batch_size=2, token_aggregation=aggregation)
+    train_args = rl.RLTrainArgs(output_dir="x", max_grad_norm=0.0)
+    stats = rl.policy_update(
+        fake_run(), model, optimizer, rollouts, advantages, args, train_args, 0
+    )
+    moved = {n: before[n] - p.detach() for n, p in params.items()}  # = lr * grad
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(before[name])
+    return moved, stats
+
+
+def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_dir, toy_data_dir):
+    """Three samples in two micro-batches, the middle one an infra_error with a different text:
+    the update is -grad of the hand-written loss over the two kept samples, whatever the masked
+    sample holds."""
+    model, tokenizer = make_policy(tiny_model_dir)
+    model.eval()
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
+    texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
+    rollouts = fake_rollouts(tokenizer, tasks, texts, [True, False, True])
+    advantages = torch.tensor([0.5, 3.0, -1.25])
+    moved, stats = step_gradients(model, tokenizer, rollouts, advantages)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    hand = 0.0
+    for r, adv in ((rollouts[0], 0.5), (rollouts[2], -1.25)):
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        hand = hand - adv * logp[len(r.prompt_ids) - 1 :].sum()
+    hand = hand / 2  # N = the two kept samples
+    assert stats.loss == pytest.approx(hand.item(), rel=1e-5)
+    grads = torch.autograd.grad(hand, params)
+    for (name, delta), grad in zip(moved.items(), grads):
+        torch.testing.assert_close(delta, grad, atol=1e-6, rtol=1e-4), name
+
+    other = fake_rollouts(
+        tokenizer, tasks, [texts[0], "    pass\n" * 5, texts[2]], [True, False, True]
+    )
+    moved_other, _ = step_gradients(model, tokenizer, other, torch.tensor([0.5, -7.0, -1.25]))
+    for name in moved:
+        assert torch.equal(moved[name], moved_other[name]), name
+
+
+def test_update_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_dir):
+    model, tokenizer = make_policy(tiny_model_dir)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
+    rollouts = fake_rollouts(tokenizer, tasks, ["    return x\n", "    return xs\n"], [True, True])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = rl.ReinforceArgs(micro_batch_size=1, kl_coef=0.1)
+    train_args = rl.RLTrainArgs(output_dir="x")
+    stats = rl.policy_update(
+        fake_run(), model, optimizer, rollouts, torch.tensor([1.0, -0.5]), args, train_args, 0
+    )
+    assert stats.kl >= 0 and stats.entropy > 0 and stats.grad_norm > 0
+    after = dict(model.named_parameters())
+    for name, value in frozen.items():
+        assert torch.equal(after[name].detach(), value), name
+    for name, value in adapter.items():
+        assert not torch.equal(after[name].detach(), value), name
+
+
+def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
+    tiny_model_dir, toy_data_dir
+):
+    """A fresh LoRA (B = 0) computes exactly the base model: the k3 estimate is 0 at the start."""
+    model, tokenizer = load_model(tiny_model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.0)
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
+    rollouts = fake_rollouts(tokenizer, tasks, ["    return x\n", "    return 1\n"], [True, True])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    args = rl.ReinforceArgs(kl_coef=1.0, kl_estimator="k3")
+    stats = rl.policy_update(
+        fake_run(), model, optimizer, rollouts, torch.zeros(2), args, rl.RLTrainArgs(), 0
+    )
+    assert stats.kl == pytest.approx(0.0, abs=1e-7) and stats.loss == pytest.approx(0.0, abs=1e-7)
+
+
+def test_scored_tokens_include_the_eos_that_ended_a_completion():
+    rollout = types.SimpleNamespace(completion_ids=[5, 6], finish_reason="eos")
+    assert rl.scored_token_ids(rollout, 2) == [5, 6, 2]
+    rollout.finish_reason = "stop"
+    assert rl.scored_token_ids(rollout, 2) == [5, 6]
+    assert rl.scored_token_ids(types.SimpleNamespace(completion_ids=[5]), 2) == [5]
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_help_lists_the_algorithm_options():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_rl_lora.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=script_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for flag in (
+        "--baseline", "--baseline_decay", "--num_generations", "--token_aggregation",
+        "--kl_coef", "--kl_estimator", "--init_adapter", "--reward", "--length_alpha",
+        "--resume", "--temperature", "--top_p",
+    ):  # fmt: skip
+        assert flag in proc.stdout, flag
+    assert "leave-one-out" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--baseline", "rloo", "--num_generations", "1"], "--baseline rloo needs"),
+        (["--init_adapter", "no/such/folder"], "--init_adapter no/such/folder"),
+        (["--temperature", "0"], "--temperature"),
+        (["--baseline_decay", "1.5", "--baseline", "moving_mean"], "--baseline_decay"),
+        ([], "--output_dir is required"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
+    args = [] if not extra else ["--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        rl.main(["--model", "unused", *args, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_bad_option_as_a_user_sees_it(tmp_path):
+    proc = run_script(
+        "train_rl_lora.py",
+        ["--output_dir", str(tmp_path / "o"), "--baseline", "rloo", "--num_generations", "1"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --baseline rloo needs --num_generations >= 2 (leave-one-out compares the "
+        "samples of one prompt), got 1"
+    ]
+
+
+# --------------------------------------------------------------------------- end to end
+
+METRIC_KEYS = {
+    "rollout/reward_mean", "rollout/pass_rate", "rollout/completion_tokens", "train/loss",
+    "train/entropy", "train/kl", "train/grad_norm", "train/lr", "train/advantage_mean",
+    "train/advantage_std", "time/generate", "time/score", "time/update",
+}  # fmt: skip
+SAMPLE_KEYS = {"step", "task_id", "sample", "reward", "advantage", "status", "passed", "completion"}
+
+
+@pytest.fixture(scope="module")
+def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rl-data") / "train.jsonl"
+    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:8])
+    return path
+
+
+def rl_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
+    """A random tiny model passes nothing, so the reward is the length penalty alone
+    (-tokens / 100 with alpha 1): nonzero, so even baseline none moves the adapter."""
+    return [
+        "--model", str(tiny_model_dir),
+        "--quantization", "none",
+        "--train_file", str(train_file),
+        "--output_dir", str(tmp_path / name),
+        "--logging_dir", str(tmp_path / "runs"),
+        "--run_name", name,
+        "--report_to", "none",
+        "--batch_size", "2",
+        "--num_generations", "2",
+        "--max_new_tokens", "8",
+        "--learning_rate", "1e-2",
+        "--length_alpha", "1.0",
+        "--sandbox_workers", "1",
+        "--save_every", "1",
+        "--keep_last", "10",
+    ]  # fmt: skip
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def read_run(tmp_path: Path, name: str) -> tuple[list[dict], list[dict], dict]:
+    run_dir = tmp_path / "runs" / name
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir), samples, json.loads((run_dir / "config.json").read_text())
+
+
+def assert_only_the_adapter_moved(output_dir: Path, trainable: int) -> dict:
+    """From checkpoint-1 to final exactly the trainable values moved; no base tensor is saved."""
+    first = adapter_tensors(output_dir / "checkpoint-1")
+    final = adapter_tensors(output_dir / "final")
+    assert final.keys() == first.keys()
+    moved = sum(t.numel() for k, t in final.items() if not torch.equal(t, first[k]))
+    assert moved == trainable > 0
+    return final
+
+
+def run_ok(args: list[str], cwd: Path):
+    proc = run_script("train_rl_lora.py", args, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_logs_are_complete(metrics: list[dict], samples: list[dict], steps: int, per_step: int):
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        assert METRIC_KEYS <= m.keys(), METRIC_KEYS - m.keys()
+        assert all(math.isfinite(m[k]) for k in METRIC_KEYS)
+    assert len(samples) == steps * per_step
+    assert all(SAMPLE_KEYS <= s.keys() for s in samples)
+    # The reward is the length penalty: -1.0 * tokens / 100 for every sample.
+    assert all(s["reward"] == pytest.approx(-s["num_tokens"] / 100) for s in samples)
+
+
+def test_end_to_end_lora_fp32_with_kl(tiny_model_dir, small_train_file, tmp_path):
+    base_files = {p.name: p.read_bytes() for p in Path(tiny_model_dir).iterdir() if p.is_file()}
+    args = rl_args(tiny_model_dir, small_train_file, tmp_path, "fp32")
+    args += ["--max_steps", "3", "--baseline", "none", "--kl_coef", "0.1"]
+    args += ["--token_aggregation", "mean"]
+    proc = run_ok(args, tmp_path)
+    metrics, samples, config = read_run(tmp_path, "fp32")
+    assert_logs_are_complete(metrics, samples, steps=3, per_step=4)
+    assert [s["advantage"] for s in samples] == pytest.approx([s["reward"] for s in samples])
+    assert metrics[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA == reference
+    assert metrics[-1]["train/kl"] > 0
+    trainable = config["computed"]["trainable_params"]
+    assert f"trainable_params={trainable}" in proc.stderr
+    final = assert_only_the_adapter_moved(tmp_path / "fp32", trainable)
+    assert all("lora_" in k for k in final)
+    assert {p.name: p.read_bytes() for p in Path(tiny_model_dir).iterdir() if p.is_file()} == (
+        base_files
+    )
+
+
+def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
+    args = rl_args(tiny_model_dir, small_train_file, tmp_path, "q4")
+    args += ["--quantization", "4bit", "--max_steps", "2"]
+    run_ok(args, tmp_path)
+    metrics, samples, config = read_run(tmp_path, "q4")
+    assert config["computed"]["model"]["quantization"] == "4bit"
+    assert_logs_are_complete(metrics, samples, steps=2, per_step=4)
+    final = assert_only_the_adapter_moved(tmp_path / "q4", config["computed"]["trainable_params"])
+    assert all("lora_" in k for k in final)
+
+
+def test_end_to_end_tinylora_trains_exactly_32_parameters(
+    tiny_model_dir, small_train_file, tmp_path
+):
+    args = rl_args(tiny_model_dir, small_train_file, tmp_path, "tiny")
+    args += ["--adapter", "tinylora", "--tinylora_u", "32", "--max_steps", "2"]
+    args += ["--learning_rate", "5e-2"]
+    proc = run_ok(args, tmp_path)
+    metrics, samples, config = read_run(tmp_path, "tiny")
+    assert config["computed"]["trainable_params"] == 32
+    assert "trainable_params=32" in proc.stderr
+    assert_logs_are_complete(metrics, samples, steps=2, per_step=4)
+    assert_only_the_adapter_moved(tmp_path / "tiny", 32)
+
+
+def test_resume_gives_the_same_rollouts_and_losses_as_one_run(
+    tiny_model_dir, small_train_file, tmp_path
+):
+    """2 steps, then --resume to 4, against 4 steps in one go. Sampling on CPU is deterministic
+    for a seed (per-sample generators seeded from (seed, step, process, task, sample)), so steps 3
+    and 4 must draw the same completions, get the same rewards and losses, and end at the same
+    adapter, data position and moving mean."""
+    common = ["--baseline", "moving_mean", "--num_generations", "2", "--lora_dropout", "0.1"]
+    whole = [*rl_args(tiny_model_dir, small_train_file, tmp_path, "whole"), *common]
+    run_ok([*whole, "--max_steps", "4"], tmp_path)
+    parts = [*rl_args(tiny_model_dir, small_train_file, tmp_path, "parts"), *common]
+    run_ok([*parts, "--max_steps", "2"], tmp_path)
+    run_ok([*parts, "--max_steps", "4", "--resume"], tmp_path)
+
+    m_whole, s_whole, _ = read_run(tmp_path, "whole")
+    m_parts, s_parts, _ = read_run(tmp_path, "parts")
+    assert [m["step"] for m in m_parts] == [1, 2, 3, 4]
+    # moving_mean: step 1 has no history (b = 0), step 2 subtracts step 1's mean reward.
+    assert m_whole[0]["train/baseline"] == 0.0
+    assert m_whole[1]["train/baseline"] == pytest.approx(m_whole[0]["rollout/reward_mean"])
+    for a, b in zip(m_whole, m_parts):
+        for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/entropy",
+                    "train/baseline", "train/epoch"):  # fmt: skip
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    strip = [{k: v for k, v in s.items() if k != "time"} for s in s_whole]
+    assert [{k: v for k, v in s.items() if k != "time"} for s in s_parts] == strip
+    state_whole = torch.load(tmp_path / "whole" / "checkpoint-4" / "trainer_state.pt",
+                             weights_only=False)  # fmt: skip
+    state_parts = torch.load(tmp_path / "parts" / "checkpoint-4" / "trainer_state.pt",
+                             weights_only=False)  # fmt: skip
+    assert state_parts["step"] == state_whole["step"] == 4
+    assert state_parts["data_position"] == state_whole["data_position"] == 8
+    assert state_parts["baseline_state"] == state_whole["baseline_state"]
+    a = adapter_tensors(tmp_path / "whole" / "final")
+    b = adapter_tensors(tmp_path / "parts" / "final")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

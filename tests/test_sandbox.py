@@ -45,8 +45,7 @@ ADD = function_task(
 )
 DOUBLE_CASES = [("3\n", "6\n"), ("5\n", "10\n"), ("0\n", "0\n")]
 CPP_DOUBLE = (
-    "#include <cstdio>\n"
-    'int main() { long long n; scanf("%lld", &n); printf("%lld\\n", 2 * n); }\n'
+    '#include <cstdio>\nint main() { long long n; scanf("%lld", &n); printf("%lld\\n", 2 * n); }\n'
 )
 
 
@@ -167,9 +166,11 @@ def test_plain_return_values_keep_their_types(box):
 @pytest.mark.parametrize(
     "completion",
     [
-        "    class Yes:\n        def __eq__(self, other):\n            return True\n    return Yes()\n",
+        "    class Yes:\n        def __eq__(self, other):\n            return True\n"
+        "    return Yes()\n",
         "    return (i for i in [1])\n",
-        "    return Sneaky(3)\n\nclass Sneaky(int):\n    def __eq__(self, other):\n        return True\n",
+        "    return Sneaky(3)\n\nclass Sneaky(int):\n"
+        "    def __eq__(self, other):\n        return True\n",
         "    import collections\n    return collections.OrderedDict(a=3)\n",
     ],
     ids=["eq-always-true", "generator", "int-subclass", "ordered-dict"],
@@ -218,11 +219,17 @@ def test_stdio_python_comparison_rules(box):
         (stdio_task("python", [("\n", "0.3334\n")], 1e-6), "print(1/3)\n"),
         (stdio_task("python", [("\n", "0.3334\n")]), "print('0.33340')\n"),  # no tolerance: exact
         # partial credit
-        (stdio_task("python", [("1\n", "2\n"), ("2\n", "5\n"), ("3\n", "6\n")]), "print(2*int(input()))"),
+        (
+            stdio_task("python", [("1\n", "2\n"), ("2\n", "5\n"), ("3\n", "6\n")]),
+            "print(2*int(input()))",
+        ),
         # exit status: 0 is fine, anything else is a runtime error
         (stdio_task("python", DOUBLE_CASES), "import sys\nprint(2*int(input()))\nsys.exit(0)\n"),
         (stdio_task("python", DOUBLE_CASES), "print(2*int(input()))\nraise SystemExit(3)\n"),
-        (stdio_task("python", DOUBLE_CASES), "import sys\nprint(2 * int(sys.stdin.buffer.read()))\n"),
+        (
+            stdio_task("python", DOUBLE_CASES),
+            "import sys\nprint(2 * int(sys.stdin.buffer.read()))\n",
+        ),
         (stdio_task("python", DOUBLE_CASES), "print(2 * int(input())\n"),
     ]
     results = box.run_batch(runs)
@@ -265,7 +272,9 @@ def test_stdio_cpp_compiles_once_and_gives_partial_credit(box):
 def test_stdio_timeout_skips_the_remaining_tests(box):
     cases = [("1\n", "2\n"), ("2\n", "4\n"), ("3\n", "6\n"), ("4\n", "8\n")]
     start = time.monotonic()
-    result = box.run(stdio_task("python", cases), "n = int(input())\nwhile n == 2: pass\nprint(2*n)\n")
+    result = box.run(
+        stdio_task("python", cases), "n = int(input())\nwhile n == 2: pass\nprint(2*n)\n"
+    )
     elapsed = time.monotonic() - start
     assert (result.status, result.tests_passed, result.tests_total) == ("timeout", 1, 4)
     assert "2 later tests not run" in result.detail
@@ -343,3 +352,25 @@ def test_closed_sandbox_refuses_work():
     sandbox.close()
     with pytest.raises(RuntimeError, match="closed"):
         sandbox.run(ADD, "    return a + b\n")
+
+
+def test_a_lost_worker_is_restarted_and_the_job_run_again():
+    with Sandbox(workers=1, timeout=5.0, cache=False) as sandbox:
+        completion = "    import time\n    time.sleep(1.0)\n    return a + b\n"
+        future = sandbox.submit_batch([(ADD, completion)])
+        time.sleep(0.5)
+        sandbox._workers[0].process.kill()  # the harness's own fault, mid-job
+        (result,) = future.result(timeout=30)
+        assert result.status == "passed"  # run again on a fresh worker
+        assert sandbox.run(ADD, "    return a + b\n").passed
+
+
+def test_the_description_is_logged_once(caplog):
+    import sandbox as sandbox_module
+
+    sandbox_module._LOGGED_DESCRIPTIONS.clear()
+    with caplog.at_level("INFO", logger="sandbox"):
+        for _ in range(2):
+            Sandbox(workers=1).close()
+    records = [r for r in caplog.records if r.name == "sandbox"]
+    assert len(records) == 1 and "namespace" in records[0].getMessage()

@@ -38,6 +38,7 @@ class Case:
     completion: str
     status: str
     budget: float = TIMEOUT + SLACK  # seconds the run may take, harness included
+    needs: str = ""  # a layer describe() must report for this verdict to be the expected one
 
 
 def function_task(test: str = "def check(candidate):\n    assert candidate(2) == 4\n") -> dict:
@@ -57,7 +58,8 @@ CPP_BUDGET = COMPILE_TIMEOUT + TIMEOUT + SLACK
 def python_cases(victim: str, port: int) -> list[Case]:
     host_writes = (
         "    import os\n"
-        f"    for path in [{victim!r}, '/dev/shm/{MARKER}', '/var/tmp/{MARKER}', '/tmp/{MARKER}']:\n"
+        f"    for path in [{victim!r}, '/dev/shm/{MARKER}',\n"
+        f"                 '/var/tmp/{MARKER}', '/tmp/{MARKER}']:\n"
         "        try:\n"
         "            with open(path, 'w') as handle:\n"
         "                handle.write('pwned')\n"
@@ -106,15 +108,29 @@ def python_cases(victim: str, port: int) -> list[Case]:
             "    import builtins\n    builtins.abs = lambda value: 0\n    return -1\n",
             "failed",
         ),
-        Case("sys-exit-at-top", function_task(), "    return x * 2\nimport sys\nsys.exit(0)\n",
-             "runtime_error"),
-        Case("os-_exit-at-top", function_task(), "    return x * 2\nimport os\nos._exit(0)\n",
-             "runtime_error"),
+        Case(
+            "sys-exit-at-top",
+            function_task(),
+            "    return x * 2\nimport sys\nsys.exit(0)\n",
+            "runtime_error",
+        ),
+        Case(
+            "os-_exit-at-top",
+            function_task(),
+            "    return x * 2\nimport os\nos._exit(0)\n",
+            "runtime_error",
+        ),
         Case("exit-at-top", function_task(), "    return x * 2\nexit()\n", "runtime_error"),
-        Case("raise-SystemExit-inside", function_task(), "    raise SystemExit(0)\n",
-             "runtime_error"),
-        Case("kill-parent", function_task(), "    return x * 2\nimport os\nos.kill(os.getppid(), 9)\n",
-             "runtime_error"),
+        Case(
+            "raise-SystemExit-inside", function_task(), "    raise SystemExit(0)\n", "runtime_error"
+        ),
+        Case(
+            "kill-parent",
+            function_task(),
+            "    return x * 2\nimport os\nos.kill(os.getppid(), 9)\n",
+            "runtime_error",  # PermissionError: the parent (the zygote) runs as another uid
+            needs="uid 65534",
+        ),
         Case(
             "kill-parent-then-answer",
             function_task(),
@@ -133,7 +149,8 @@ def python_cases(victim: str, port: int) -> list[Case]:
         Case(
             "setsid-grandchild-sleeps",
             function_task(),
-            "    import os\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+            "    import os\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        if os.fork() == 0:\n"
             f"            {SPAWN_SLEEPER}\n        os._exit(0)\n    return x * 2\n",
             "passed",
         ),
@@ -144,10 +161,18 @@ def python_cases(victim: str, port: int) -> list[Case]:
             "    return x * 2\n",
             "passed",
         ),
-        Case("allocate-8-GB", function_task(), "    block = bytearray(8 << 30)\n    return x * 2\n",
-             "memory_limit"),
-        Case("print-forever", function_task(), "    while True:\n        print('y' * 80)\n",
-             "output_limit"),
+        Case(
+            "allocate-8-GB",
+            function_task(),
+            "    block = bytearray(8 << 30)\n    return x * 2\n",
+            "memory_limit",
+        ),
+        Case(
+            "print-forever",
+            function_task(),
+            "    while True:\n        print('y' * 80)\n",
+            "output_limit",
+        ),
         Case(
             "write-passed-to-fd-1-and-exit",
             function_task(),
@@ -171,7 +196,7 @@ def python_cases(victim: str, port: int) -> list[Case]:
             "passed",
             budget=TIMEOUT,  # the sleeping thread must not hold the worker
         ),
-        Case("write-host-files", function_task(), host_writes, "passed"),
+        Case("write-host-files", function_task(), host_writes, "passed", needs="read-only root"),
         Case(
             "network",
             function_task("def check(candidate):\n    assert candidate(2) is False\n"),
@@ -179,6 +204,7 @@ def python_cases(victim: str, port: int) -> list[Case]:
             f"        socket.create_connection(('127.0.0.1', {port}), timeout=0.5).close()\n"
             "        return True\n    except OSError:\n        return False\n",
             "passed",
+            needs="network namespace (",
         ),
         Case(
             "environment-scrubbed",
@@ -194,8 +220,13 @@ def cpp_cases() -> list[Case]:
         f'#include <sys/prctl.h>\nstatic void mark() {{ prctl(PR_SET_NAME, "{MARKER}"); }}\n'
     )
     return [
-        Case("cpp-include-dev-stdin", cpp_task(), '#include "/dev/stdin"\n', "compile_error",
-             CPP_BUDGET),
+        Case(
+            "cpp-include-dev-stdin",
+            cpp_task(),
+            '#include "/dev/stdin"\n',
+            "compile_error",
+            CPP_BUDGET,
+        ),
         Case(
             "cpp-infinite-loop-ignoring-SIGTERM",
             cpp_task(),
@@ -211,8 +242,13 @@ def cpp_cases() -> list[Case]:
             "timeout",
             CPP_BUDGET,
         ),
-        Case("cpp-puts-forever", cpp_task(), '#include <cstdio>\nint main() { for (;;) puts("x"); }\n',
-             "output_limit", CPP_BUDGET),
+        Case(
+            "cpp-puts-forever",
+            cpp_task(),
+            '#include <cstdio>\nint main() { for (;;) puts("x"); }\n',
+            "output_limit",
+            CPP_BUDGET,
+        ),
         Case(
             "cpp-5e9-element-vector",
             cpp_task(),
@@ -240,7 +276,8 @@ def cpp_cases() -> list[Case]:
         Case(
             "cpp-template-blow-up",
             cpp_task(),
-            "template <int D, int I> struct T { enum { v = T<D - 1, 2 * I>::v + T<D - 1, 2 * I + 1>::v };"
+            "template <int D, int I> struct T {\n"
+            "  enum { v = T<D - 1, 2 * I>::v + T<D - 1, 2 * I + 1>::v };"
             " };\ntemplate <int I> struct T<0, I> { enum { v = 1 }; };\n"
             "int main() { return T<26, 0>::v; }\n",
             "compile_error",
@@ -252,8 +289,11 @@ def cpp_cases() -> list[Case]:
 HONEST = [
     (function_task(), "    return x * 2\n", "passed"),
     (function_task(), "    return x + 3\n", "failed"),
-    (cpp_task(), '#include <cstdio>\nint main() { int n; scanf("%d", &n); printf("%d\\n", 2 * n); }\n',
-     "passed"),
+    (
+        cpp_task(),
+        '#include <cstdio>\nint main() { int n; scanf("%d", &n); printf("%d\\n", 2 * n); }\n',
+        "passed",
+    ),
 ]
 
 
@@ -273,6 +313,30 @@ def marked_processes() -> list[str]:
         if MARKER in cmdline or MARKER in comm:
             found.append(f"{pid}: {comm} {cmdline!r}")
     return found
+
+
+def namespace_members(box: Sandbox) -> list[list[str]]:
+    """For each worker: the processes in its PID namespace (host view), worker and zygote
+    included; empty lists when there is no PID namespace."""
+    members = []
+    for handle in box._workers:
+        outer = handle.process.pid
+        with open(f"/proc/{outer}/task/{outer}/children") as children:
+            inner = int(children.read().split()[0])
+        namespace = os.readlink(f"/proc/{inner}/ns/pid")
+        if namespace == os.readlink(f"/proc/{outer}/ns/pid"):
+            members.append([])
+            continue
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle_:
+                        found.append(f"{pid}: {handle_.read()[:60]!r}")
+            except OSError:
+                continue
+        members.append(found)
+    return members
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +361,7 @@ def hostile_batch(tmp_path_factory):
         results = box.run_batch(jobs)
         elapsed = time.monotonic() - start
         survivors = marked_processes()  # right away: nothing may be left, not even briefly
+        members = namespace_members(box)
         describe = box.describe()
     try:
         connection, _ = listener.accept()
@@ -309,6 +374,7 @@ def hostile_batch(tmp_path_factory):
         "results": {case.name: (case, result) for case, result in zip(expected, results)},
         "elapsed": elapsed,
         "survivors": survivors,
+        "namespace_members": members,
         "victim": victim,
         "network_reached": network_reached,
         "describe": describe,
@@ -324,6 +390,8 @@ CASE_NAMES = [c.name for c in python_cases("/nowhere", 1) + cpp_cases()]
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_hostile_case_gets_its_verdict_in_time(hostile_batch, name):
     case, result = hostile_batch["results"][name]
+    if case.needs not in hostile_batch["describe"]:
+        pytest.skip(f"the expected verdict relies on {case.needs!r}, not active here")
     assert result.status == case.status, (name, result)
     assert result.passed == (case.status == "passed")
     assert result.duration <= case.budget, (name, result.duration)
@@ -352,9 +420,16 @@ def test_specific_details(hostile_batch):
 def test_no_process_of_any_run_survives(hostile_batch):
     assert hostile_batch["survivors"] == []
     assert marked_processes() == []
+    if "PID namespace (" in hostile_batch["describe"]:
+        # Each worker's namespace holds the worker and its zygote, and nothing else.
+        assert [len(m) for m in hostile_batch["namespace_members"]] == [2, 2], hostile_batch[
+            "namespace_members"
+        ]
 
 
 def test_files_outside_the_workspace_are_untouched(hostile_batch):
+    if "read-only root" not in hostile_batch["describe"]:
+        pytest.skip("no private read-only file system here (reported by describe())")
     assert hostile_batch["victim"].read_text() == "original"
     for path in (f"/dev/shm/{MARKER}", f"/var/tmp/{MARKER}", f"/tmp/{MARKER}"):
         assert not os.path.exists(path), path
@@ -446,9 +521,7 @@ def test_untrusted_code_sees_a_minimal_read_only_file_system(probe_box):
         "    return seen\n"
     )
     test = (
-        "def check(candidate):\n"
-        "    seen = candidate(0)\n"
-        "    assert not any(seen.values()), seen\n"
+        "def check(candidate):\n    seen = candidate(0)\n    assert not any(seen.values()), seen\n"
     )
     result = probe_box.run(function_task(test), completion)
     assert result.status == "passed", result
@@ -457,7 +530,9 @@ def test_untrusted_code_sees_a_minimal_read_only_file_system(probe_box):
 def test_each_run_starts_in_an_empty_directory(probe_box):
     write = "    open('left-behind', 'w').write('x')\n    return x * 2\n"
     look = "    import os\n    return x * 2 if not os.listdir('.') else -1\n"
-    assert [r.status for r in probe_box.run_batch([(function_task(), write), (function_task(), look)])] == [
+    assert [
+        r.status for r in probe_box.run_batch([(function_task(), write), (function_task(), look)])
+    ] == [
         "passed",
         "passed",
     ]
@@ -467,7 +542,8 @@ def test_fallback_without_namespaces_still_contains_runs():
     with Sandbox(workers=1, timeout=TIMEOUT, cache=False, isolation="basic") as box:
         assert "FALLBACK" in box.describe() and "no PID namespace" in box.describe()
         escape = (
-            "    import os\n    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
+            "    import os\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        if os.fork() == 0:\n"
             f"            {SPAWN_SLEEPER}\n        os._exit(0)\n    return x * 2\n"
         )
         spin = "    while True:\n        pass\n"
@@ -475,3 +551,38 @@ def test_fallback_without_namespaces_still_contains_runs():
         assert [r.status for r in results] == ["passed", "timeout"]
         assert results[1].duration <= TIMEOUT + SLACK
         assert marked_processes() == []
+
+
+SLEEPER_COMPLETION = f"    import os\n    {SPAWN_SLEEPER}\n"
+
+
+def test_workers_and_runs_end_when_the_parent_process_dies(tmp_path):
+    """A training process that crashes must not leave workers or runs behind."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, threading\n"
+        f"sys.path.insert(0, {os.getcwd()!r})\n"
+        "from sandbox import Sandbox\n"
+        "box = Sandbox(workers=1, timeout=30.0, cache=False)\n"
+        "task = {'task_id': 't', 'prompt': 'def f(x):\\n', 'entry_point': 'f',\n"
+        "        'test': 'def check(candidate):\\n    candidate(1)\\n'}\n"
+        f"box.submit_batch([(task, {SLEEPER_COMPLETION!r})])\n"
+        "print(box._workers[0].process.pid, flush=True)\n"
+        "threading.Event().wait(1.5)\n"
+        "os._exit(0)\n"  # no close(): the parent just disappears
+    )
+    import subprocess
+    import sys
+
+    finished = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    worker_pid = int(finished.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        os.path.exists(f"/proc/{worker_pid}") or marked_processes()
+    ):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker_pid}")
+    assert marked_processes() == []

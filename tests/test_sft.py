@@ -351,6 +351,7 @@ def assert_only_the_adapter_was_trained(output_dir: Path, config: dict) -> dict:
     return final
 
 
+@pytest.mark.slow
 def test_end_to_end_lora_fp32_with_validation(
     tiny_model_dir, toy_data_dir, small_train_file, tmp_path
 ):
@@ -392,6 +393,7 @@ def test_end_to_end_lora_fp32_with_validation(
     assert (tmp_path / "fp32" / "final" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
     args = [
         *base_args(tiny_model_dir, small_train_file, tmp_path, "q4"),
@@ -408,6 +410,7 @@ def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
     assert all("lora_" in k for k in final)
 
 
+@pytest.mark.slow
 def test_end_to_end_tinylora_trains_exactly_32_parameters(
     tiny_model_dir, small_train_file, tmp_path
 ):
@@ -429,6 +432,7 @@ def test_end_to_end_tinylora_trains_exactly_32_parameters(
     assert_only_the_adapter_was_trained(tmp_path / "tiny", config)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(
     tiny_model_dir, small_train_file, tmp_path
 ):
@@ -461,6 +465,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sft_learns_the_toy_family(sft_run):
     metrics = read_metrics(sft_run.run_dir)
     losses = [m["train/loss"] for m in metrics]
