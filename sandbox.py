@@ -23,8 +23,8 @@ Usage::
 
 How a verdict is reached (function tasks)
 -----------------------------------------
-A pool of warm worker processes (``python -I sandbox.py --worker``, started once) serves jobs
-over pipes. For each job the worker forks one fresh *untrusted* process, which executes
+A pool of warm worker processes (``python -I -S``, this module imported, ``--worker``; started
+once) serves jobs over pipes. For each job the worker forks one fresh *untrusted* process, which executes
 ``prompt + completion`` and then waits for calls. The *trusted* side, the worker itself, executes
 the task's prompt (for helpers such as ``poly`` or ``encode_cyclic``) and ``test``, then calls
 ``check(proxy)``. The proxy forwards each call through a small RPC: arguments travel as pickles
@@ -47,6 +47,9 @@ Choices worth knowing:
   proxy, so tests that call the function by name work;
 * an argument that is not plain data (a lambda, an instance of a class) cannot cross the boundary:
   the run is an ``infra_error``, a limit of the harness and not the model's fault.
+* programs see the interpreter's site-packages and the builtins ``site`` defines (``exit``,
+  ``quit``, ``help``), but ``.pth`` files are not processed: the worker starts without ``site``,
+  whose start-up hooks would add a few MiB to the worker that every run's fork has to copy.
 
 Verdicts: ``passed``; ``failed`` (an assertion in ``check``, any other error of the test's own code,
 a wrong answer, a returned object that is not plain data); ``syntax_error`` / ``compile_error``;
@@ -533,11 +536,12 @@ class _WorkerLost(Exception):
     """The worker process died, hung, or broke the protocol."""
 
 
+# Loads this file as a module (its cached bytecode), without putting its directory on sys.path.
 _WORKER_BOOTSTRAP = (
-    "import sys\n"
-    f"sys.path.insert(0, {os.path.dirname(_MODULE_PATH)!r})\n"
-    f"import {os.path.splitext(os.path.basename(_MODULE_PATH))[0]} as sandbox\n"
-    "del sys.path[0]\n"
+    "import importlib.util, sys\n"
+    f"spec = importlib.util.spec_from_file_location('sandbox', {_MODULE_PATH!r})\n"
+    "sandbox = sys.modules['sandbox'] = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(sandbox)\n"
     "sys.exit(sandbox.main())\n"
 )
 
@@ -1393,7 +1397,7 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
 
     iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
     _set_per_worker_limits()
-    _shrink_before_forking()
+    gc.freeze()
     run = None
     while True:
         message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
@@ -1419,18 +1423,6 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
             status = (run.status, run.cpu_time) if run is not None else (None, 0.0)
             run = None
             sock.send(pickle.dumps(("ended", *status)))
-
-
-def _shrink_before_forking() -> None:
-    """Each fork copies the page tables of the zygote's private memory and every page a run then
-    writes is copied: give freed heap back to the kernel (fewer pages to map and copy), and
-    freeze the survivors so a run's garbage collections never write to (and copy) them."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):  # not glibc: nothing to give back this way
-        pass
-    gc.freeze()
 
 
 def _read_fd(fd: int) -> bytes:
@@ -2598,10 +2590,22 @@ def _probe_child(worker: _Worker) -> dict:
     return json.loads(data)
 
 
+def _finish_site_set_up(site_packages: Sequence[str]) -> None:
+    """What ``site`` gives a normal interpreter, for a worker started with -S (to stay small):
+    the site-packages on sys.path (their .pth hooks are not run) and the ``exit``, ``quit``,
+    ``help``... builtins that programs use."""
+    import site  # with -S its import does nothing more than define its functions
+
+    sys.path.extend(p for p in site_packages if p not in sys.path)
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
+
+
 def _worker_main(options_json: str) -> None:
     options = json.loads(options_json)
     request_fd, reply_fd = options["request_fd"], options["reply_fd"]
-    sys.path.extend(p for p in options.get("site_packages", ()) if p not in sys.path)
+    _finish_site_set_up(options.get("site_packages", ()))
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:

@@ -63,16 +63,22 @@ table) and ``unit_test`` for function tasks; the others are in coderl/rewards.py
 (``--eval_file``, greedy) reports pass@1, compile rate (C++) and average score (the mean partial
 reward) as the TinyLoRA seed's tables do; ``--eval_at_start`` adds the row before training.
 
-Speed (measured in bench/bench_rl_step.py): all of a step's prompts x G in one batched generate
-call with the KV cache, the adapter folded into a float32 copy of the weights while generating
-(``--merge_for_generation``: one plain matmul per layer instead of peft's base + A + B), logits
-computed for the completion columns only, and no row run twice: the rollout-time log-probs are the
-first update's forward. A row whose advantage is 0 with ``--beta 0`` contributes exactly zero
-gradient: it counts in the normalisers but gets no forward/backward pass. Scoring overlaps
-generation only with ``--score_chunk_tasks`` (chunks of prompts scored while the next one
-generates): splitting the generate call costs more than it hides when tests are fast (toy Python:
-about 0.1 s of scoring against 10-15% more generation time), and helps when scoring is slow (C++:
-about 1 s per program on two workers).
+Speed (measured in bench/bench_rl_step.py against TRL's GRPOTrainer):
+
+* generation: all of a step's prompts x G in one batched generate call with the KV cache, the
+  adapter folded into a float32 copy of each adapted weight meanwhile (``--merge_for_generation``:
+  one plain matmul per layer instead of peft's base + A + B; the adapter layers themselves are
+  never modified);
+* update: no row is run twice (the rollout-time log-probs are the first update's own forward);
+  each distinct prompt goes through the model once per micro-batch and its G completions continue
+  from its cached keys/values, which stay in the autograd graph (``--share_prompt_forward``: the
+  same log-probs and gradients as one pass per row, tested); logits only for completion columns;
+  a row whose advantage is 0 under ``--beta 0`` has exactly zero gradient, so it counts in the
+  normalisers but gets no forward/backward pass at all;
+* scoring overlaps generation only with ``--score_chunk_tasks`` (chunks of prompts scored while
+  the next chunk generates). Splitting the generate call costs more than it hides when tests are
+  fast (toy Python: about 0.1-0.2 s of scoring against 10-15% more generation time), and pays when
+  scoring is slow (C++: about 1 s per program on two workers).
 
 Departures from the seeds (TinyLoRA-GRPO-Coder, seeds/001; Nano-Raccoon, seeds/003) and TRL:
 
@@ -108,15 +114,18 @@ Tiny CPU run (minutes; the tiny model, toy tasks and SFT adapter come from the t
         --max_steps 30 --learning_rate 2e-4 --sandbox_workers 2
 
 TinyLoRA C++ (the TinyLoRA seed: Qwen2.5-Coder-3B-Instruct in 4-bit, 32 shared parameters, partial
-compile-and-run reward, clip-higher, four updates per rollout; one 16-24 GB GPU)::
+compile-and-run reward, clip-higher, four updates per rollout; one 16-24 GB GPU; the seed's
+learning rate 1e-5 is kept, though Adam moves each of the 32 scalars by about that much per
+update at most, against an initial spread of 0.02)::
 
+    python prepare_data.py --source code_contests,deepcoder --languages cpp
     python train_grpo_lora.py --model Qwen/Qwen2.5-Coder-3B-Instruct --quantization 4bit \\
         --adapter tinylora --tinylora_u 32 --tinylora_r 2 --prompt_mode instruct \\
-        --train_file data/deepcoder_train.jsonl --eval_file data/code_contests_test.jsonl \\
+        --train_file data/deepcoder_lcbv5_train.jsonl --eval_file data/code_contests_test.jsonl \\
         --output_dir checkpoints/tinylora-grpo-cpp --num_prompts 8 --num_generations 4 \\
         --max_new_tokens 1024 --num_iterations 4 --epsilon 0.2 --epsilon_high 0.28 \\
         --learning_rate 1e-5 --micro_batch_size 2 --max_steps 200 --eval_every 50 \\
-        --eval_tasks 165 --eval_max_new_tokens 1024 --eval_at_start
+        --eval_tasks 165 --eval_max_new_tokens 1024 --eval_at_start --score_chunk_tasks 4
 """
 
 from __future__ import annotations
@@ -1213,8 +1222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = start_run(opts.train, (opts.model, opts.train, opts.grpo, opts.reward))
     if run.accelerator.num_processes > 1:
         raise UserError("train_grpo_lora.py runs in one process; launch it without accelerate")
+    train_tasks, eval_tasks = load_task_files(opts, run)  # a bad file fails before any loading
     model, tokenizer = load_policy(policy_model_args(opts.model), run, run.resume_from)
-    train_tasks, eval_tasks = load_task_files(opts, run)
     reward_args = resolve_reward(opts.reward, train_tasks)
     run.config["computed"].update({"reward": reward_args.reward, "epsilon_high": opts.epsilon_high})
     write_json(run.run_dir / "config.json", run.config)

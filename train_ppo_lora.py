@@ -1,70 +1,96 @@
 """PPO-Clip on code tasks with unit-test rewards, training a LoRA / QLoRA / TinyLoRA adapter.
 
-Each iteration samples ``--num_generations`` completions for ``--batch_size`` training tasks, runs them
-in the sandbox, turns verdicts into rewards (``--reward``, see coderl/rewards.py), then makes
-``--ppo_epochs`` passes over the batch in ``--num_minibatches`` minibatches with the clipped
-surrogate objective. Two variants:
+Each iteration samples ``--num_generations`` completions for each of ``--batch_size`` training
+tasks, runs them in the sandbox, turns verdicts into rewards (``--reward``, coderl/rewards.py),
+then makes ``--ppo_epochs`` shuffled passes over the batch in ``--num_minibatches`` minibatches
+(one optimizer step each) with the clipped surrogate objective. Two variants:
 
 * ``--variant token`` (default): token-level PPO. A linear value head on the policy's last hidden
-  state (fp32, trained by the same optimizer, saved as ``value_head.pt`` next to the adapter)
-  estimates each prefix's return. Per-token rewards are ``-kl_coef * (log pi - log pi_ref)`` with
-  the reference being the base model (adapters disabled), plus the task reward on the last
-  completion token. Advantages by GAE (``--gamma``, ``--gae_lambda``), whitened over the batch's
-  completion tokens; loss = clipped policy loss + ``vf_coef`` * value loss - ``ent_coef`` *
-  entropy; gradients clipped to ``--max_grad_norm`` (0.5, clip 0.2, vf 0.5, entropy 0.01: the
-  VeriGenLLM-v2 seed's configuration).
+  state (fp32, its own parameter group in the same AdamW, saved as ``value_head.pt`` next to the
+  adapter and restored on resume) predicts the return from each prefix. Per-token rewards are
+  ``-kl_coef * (log pi - log pi_ref)`` (k1) on every completion token plus the task reward on the
+  last one; advantages by GAE (``--gamma`` 1, ``--gae_lambda`` 0.95), whitened over the batch's
+  completion tokens; loss = clipped policy loss + ``vf_coef`` * value loss (optionally clipped,
+  ``--value_clip``) - ``ent_coef`` * entropy. Clip 0.2, vf 0.5, entropy 0.01, max grad norm 0.5:
+  the VeriGenLLM-v2 seed's configuration.
 * ``--variant sequence``: the RL-Code-Agent seed's algorithm, made correct. One ratio per
-  completion, ``exp(sum_t log pi - sum_t log pi_old)``, advantages = batch-normalised rewards
-  ``(r - mean) / (std + eps)``, loss ``-min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)``; no value
-  head, no KL term, no entropy term (as the seed).
+  completion, ``exp(sum_t log pi - sum_t log pi_old)``; advantages = rewards normalised over the
+  batch, ``(r - mean) / (std + 1e-8)``; loss ``-min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)``
+  averaged over samples. No value head, KL or entropy term (as the seed; ``train/kl_ref`` is
+  still logged). A sum of ~100 token log-ratios moves fast: expect a high ``train/clip_frac``.
 
-Old log-probabilities: recomputed by a forward pass over the sampled ids before the first update,
-in the same mode as the updates: train mode with every dropout module set to p=0 (LoRA dropout
-included, also for an ``--init_adapter`` saved with dropout). Both passes are then the same
-deterministic function of the weights, the ratio is exactly 1 on the first minibatch (logged as
-``train/ratio_dev_first``) and equals the policy that sampled the batch (generation runs without
-dropout too). Train mode rather than eval mode so that gradient checkpointing stays active.
+KL reference (``--kl_reference``): ``base`` = the base model, adapter disabled
+(``with model.disable_adapter():``); ``init`` = the policy PPO starts from, i.e. a frozen copy of
+the starting adapter's weights swapped in for the reference pass (kept in every checkpoint).
+Starting from an SFT adapter, ``base`` penalises the SFT changes themselves; use ``init`` (or
+``--kl_coef 0``) when the base is far from the SFT policy, as with the tiny preset's base.
 
-One iteration is one ``--max_steps`` step: the learning-rate schedule advances once per
-iteration, the optimizer steps ``ppo_epochs * num_minibatches`` times.
+Old log-probabilities are recomputed by a forward pass over the sampled ids before the first
+update, in the same mode as the updates: train mode with every dropout module set to p=0 (LoRA
+dropout included, also for an ``--init_adapter`` saved with dropout). Old and new log-probs are
+then one deterministic function of the weights, the ratio is 1 on the first minibatch (logged as
+``train/ratio_dev_first``, the largest |log ratio| there) and both match the policy that sampled
+(generation runs without dropout too). Train mode rather than eval mode keeps gradient
+checkpointing active. Log-probs use the sampling ``--temperature`` (logits / T), like TRL.
+
+Samples that cannot be learned from (``infra_error``: the harness's fault; or no generated token)
+stay in the batch with a zero mask: they weigh nothing in the loss or in the advantage statistics,
+and every process still runs the same passes.
+
+One iteration is one ``--max_steps`` step: the learning-rate schedule advances once per iteration.
+
+Logged (``runs/<name>/metrics.jsonl`` + TensorBoard): ``rollout/reward_mean``,
+``rollout/pass_rate``, ``rollout/completion_tokens`` (+ ``reward_std``, ``truncated_frac``,
+``infra_error_frac``), ``train/policy_loss``, ``train/value_loss``, ``train/entropy``,
+``train/kl_ref`` (sum over a completion of log pi - log pi_ref, mean over samples),
+``train/approx_kl`` (k3 of old vs new, mean over updates), ``train/clip_frac`` (share of entries
+where the clipped term is the active one), ``train/explained_variance`` (of the returns by the
+old values), ``train/value_mean``, ``train/ratio_dev_first``, ``train/grad_norm`` (before
+clipping), ``train/loss``, ``train/lr``, ``train/updates``, ``train/epoch``, ``time/generate``,
+``time/score`` (scoring not hidden behind generation), ``time/update`` (old log-probs, reference,
+advantages and all updates), and ``eval/pass@1`` when validating. Every sample with its reward,
+verdict and completion goes to ``samples.jsonl``.
+
+Trainable parameters are counted apart: ``computed.trainable_params_adapter`` (TinyLoRA with the
+defaults: 32) and ``computed.trainable_params_value_head`` (hidden size + 1; 0 for ``sequence``),
+in ``runs/<name>/config.json`` and every checkpoint's ``meta.json``.
 
 Departures from the seeds:
 
-* RL-Code-Agent computed ``logp_old`` with dropout off and the new log-probs with dropout on, so
-  the ratio was not 1 before any update and clipping acted on noise; here both use one mode.
-* Its PPO had no value head (batch-normalised sequence rewards; kept as ``--variant sequence``);
-  the VeriGenLLM-v2 seed had a value head that was not in the optimizer, so it never learned.
-  Here the value head is in the optimizer (a test checks it moves) and checkpointed.
-* The RL-Code-Agent seed trained and evaluated on the same 33 HumanEval tasks; here validation
-  (``--eval_file``) reads a separate held-out file and the training file is never scored as
-  evaluation.
-* Verdicts come from the sandbox (no ``signal.alarm`` in the evaluated process); ``infra_error``
-  samples are dropped from the update instead of being scored 0.
+* RL-Code-Agent computed ``logp_old`` and the new log-probs in different dropout modes, so the
+  ratio was not 1 before any update and clipping acted on dropout noise; here one mode, no dropout.
+* Its PPO had no value head (kept as ``--variant sequence``); the VeriGenLLM-v2 seed's value head
+  was not in the optimizer, so it never learned. Here it is in the optimizer (tested) and saved.
+* RL-Code-Agent trained and evaluated on the same 33 HumanEval tasks; here validation
+  (``--eval_file``) reads a separate held-out file (a warning names any shared task id).
+* Verdicts come from the sandbox (no ``signal.alarm`` inside the evaluated process), and
+  ``infra_error`` samples are masked out instead of being scored 0.
 
-Trainable parameter count: ``computed.trainable_params_adapter`` (the adapter; TinyLoRA with
-defaults: 32) and ``computed.trainable_params_value_head`` (hidden size + 1, token variant) are
-written to ``runs/<name>/config.json`` and to every checkpoint's ``meta.json``.
+Tiny CPU run (the tiny model, toy data and SFT adapter come from the tiny preset)::
 
-Launch (tiny CPU run; the tiny model and toy data come from the tiny preset)::
-
-    python train_ppo_lora.py --model checkpoints/tiny-llama \\
-        --init_adapter checkpoints/tiny-sft/final --train_file data/toy_python_train.jsonl \\
-        --output_dir checkpoints/tiny-ppo --max_steps 30 --batch_size 16 --num_generations 4 \\
-        --learning_rate 2e-4 --max_new_tokens 64 --eval_file data/toy_python_test.jsonl
+    python train_ppo_lora.py --model checkpoints/tiny-llama \
+        --init_adapter checkpoints/tiny-sft/final --train_file data/toy_python_train.jsonl \
+        --eval_file data/toy_python_test.jsonl --output_dir checkpoints/tiny-ppo \
+        --max_steps 20 --batch_size 16 --num_generations 4 --num_minibatches 4 \
+        --learning_rate 5e-4 --max_new_tokens 64 --kl_reference init --sandbox_workers 2
 
 The seed's GPU setting (4-bit QLoRA on deepseek-coder-1.3b-base, unit-test reward with length
-penalty 0.01, batch 4)::
+penalty 0.01, batch 4; 0.03 and batch 8 are the seed's other runs)::
 
-    python train_ppo_lora.py --model deepseek-ai/deepseek-coder-1.3b-base \\
-        --init_adapter checkpoints/deepseek_1_3b_lora_sft/final \\
-        --train_file data/humaneval_train.jsonl --eval_file data/humaneval_test.jsonl \\
-        --output_dir checkpoints/deepseek_1_3b_lora_ppo_alpha0.01 --quantization 4bit \\
-        --variant token --reward unit_test --length_alpha 0.01 --batch_size 4 --ppo_epochs 4 \\
-        --learning_rate 1e-5 --max_steps 100
+    python train_ppo_lora.py --model deepseek-ai/deepseek-coder-1.3b-base \
+        --init_adapter checkpoints/deepseek_1_3b_lora_sft/final \
+        --train_file data/humaneval_train.jsonl --eval_file data/humaneval_test.jsonl \
+        --output_dir checkpoints/deepseek_1_3b_lora_ppo_alpha0.01 --quantization 4bit \
+        --variant token --reward unit_test --length_alpha 0.01 --batch_size 4 --ppo_epochs 4 \
+        --num_minibatches 2 --learning_rate 1e-5 --max_new_tokens 256 --max_steps 100
+
+Multi-GPU: ``accelerate launch train_ppo_lora.py ...``: every process samples its share of the
+global batch; advantage statistics are per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -145,7 +171,9 @@ class PPOArgs:
             "choices": ["token", "sequence"],
         },
     )
-    batch_size: int = field(default=8, metadata={"help": "Tasks per iteration (seed: 4 and 8)."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Tasks per iteration and process (seed: 4 and 8)."}
+    )
     num_generations: int = field(default=1, metadata={"help": "Completions sampled per task."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     num_minibatches: int = field(
@@ -165,7 +193,16 @@ class PPOArgs:
     ent_coef: float = field(default=0.01, metadata={"help": "token: weight of the entropy bonus."})
     kl_coef: float = field(
         default=0.05,
-        metadata={"help": "token: per-token KL penalty to the base model, folded into rewards."},
+        metadata={"help": "token: per-token KL penalty to the reference, folded into rewards."},
+    )
+    kl_reference: str = field(
+        default="base",
+        metadata={
+            "help": "KL reference: base (the base model, adapter disabled) or init (the policy "
+            "PPO starts from: a frozen copy of the starting adapter's weights, e.g. the SFT "
+            "adapter; the same as base for a fresh adapter).",
+            "choices": ["base", "init"],
+        },
     )
     gamma: float = field(default=1.0, metadata={"help": "token: discount factor."})
     gae_lambda: float = field(default=0.95, metadata={"help": "token: GAE lambda."})
@@ -250,13 +287,12 @@ def token_rewards(
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: ``-kl_coef * (log pi - log pi_ref)`` everywhere in the completion, plus
-    the task reward ``scores[i]`` on row i's last completion token. Also returns the per-token KL
-    estimate (k1), zero outside the mask."""
+    the task reward ``scores[i]`` on row i's last completion token (rows whose mask is all zero
+    get nothing). Also returns the per-token KL estimate (k1), zero outside the mask."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
-    last = last_token_index(mask)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
+    rows = torch.nonzero(mask.sum(1) > 0).squeeze(1)  # a sample without tokens takes no action
+    rewards[rows, last_token_index(mask[rows])] += scores[rows].to(rewards.dtype)
     return rewards, kl
 
 
@@ -369,6 +405,16 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
+        # --kl_reference init: the adapter's starting weights (None: the base is the reference).
+        self.reference_weights: list[torch.Tensor] | None = None
+
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def keep_reference_weights(self, weights: list[torch.Tensor] | None = None) -> None:
+        """Freeze a copy of the adapter's weights (or of ``weights``) as the KL reference."""
+        source = weights if weights is not None else self.adapter_parameters()
+        self.reference_weights = [w.detach().clone() for w in source]
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
@@ -390,8 +436,14 @@ class PolicyWithValue(torch.nn.Module):
     def reference_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
     ) -> torch.Tensor:
-        """Log-probs under the base model: the same network with the adapter switched off."""
-        with self.policy.disable_adapter():
+        """Log-probs under the reference: the same network with the adapter switched off (base),
+        or with the adapter's starting weights swapped in for the pass (init)."""
+        switch = (
+            self.policy.disable_adapter()
+            if self.reference_weights is None
+            else swapped_weights(self.adapter_parameters(), self.reference_weights)
+        )
+        with switch:
             logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
         return shifted_logprobs(logits, input_ids, temperature)[0]
 
@@ -399,6 +451,21 @@ class PolicyWithValue(torch.nn.Module):
         self.policy.save_pretrained(path)
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), Path(path) / VALUE_HEAD_FILE)
+
+
+@contextlib.contextmanager
+def swapped_weights(params: list[torch.nn.Parameter], weights: list[torch.Tensor]):
+    """Temporarily give ``params`` the values ``weights`` (no autograd record; restored after)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved, strict=True):
+                p.copy_(w)
 
 
 def shifted_logprobs(
@@ -440,8 +507,7 @@ def build_value_head(policy, source: Path | None, device) -> ValueHead:
 
 def optimizer_groups(model: PolicyWithValue, args: PPOArgs, lr: float) -> list[dict]:
     """The adapter's trainable parameters and, as a second group, the value head's."""
-    adapter = [p for p in model.policy.parameters() if p.requires_grad]
-    groups = [{"params": adapter, "name": "adapter"}]
+    groups = [{"params": model.adapter_parameters(), "name": "adapter"}]
     if model.value_head is not None:
         groups.append(
             {
@@ -462,7 +528,8 @@ class Batch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    mask: torch.Tensor  # B x T-1, 1 on completion tokens
+    mask: torch.Tensor  # B x T-1: 1 on the completion tokens of usable samples
+    sample_mask: torch.Tensor  # B: 1 for usable samples
     scores: torch.Tensor  # B task rewards
     old_logprobs: torch.Tensor  # B x T-1
     ref_logprobs: torch.Tensor  # B x T-1
@@ -475,9 +542,12 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def usable(rollouts: list[Rollout]) -> list[Rollout]:
-    """Rollouts that enter the loss: not an infra_error, and at least one generated token."""
-    return [r for r in rollouts if r.mask and len(r.completion_ids) > 0]
+def usable(rollout: Rollout) -> bool:
+    """Whether a sample enters the loss: not an infra_error, and at least one generated token.
+
+    The others stay in the batch with a zero mask, so every process runs the same number of
+    forward / backward passes (accelerate's gradient synchronisation needs that)."""
+    return bool(rollout.mask) and len(rollout.completion_ids) > 0
 
 
 @torch.no_grad()
@@ -506,6 +576,8 @@ def make_batch(
     input_ids, attention_mask, mask = pack_sequences(
         [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id, device
     )
+    sample_mask = torch.tensor([usable(r) for r in rollouts], dtype=torch.float32, device=device)
+    mask = mask * sample_mask[:, None]
     scores = torch.tensor([r.reward for r in rollouts], dtype=torch.float32, device=device)
     chunk = max(1, math.ceil(len(rollouts) / args.num_minibatches))
     old_logprobs, old_values, ref_logprobs = forward_in_chunks(
@@ -520,12 +592,15 @@ def make_batch(
         advantages = whiten(advantages, mask)
     else:
         kl = (old_logprobs - ref_logprobs) * mask
-        advantages, returns = normalize_rewards(scores), None
-    metrics["train/kl_ref"] = kl.sum(1).mean().item()
+        keep = sample_mask > 0
+        advantages, returns = torch.zeros_like(scores), None
+        advantages[keep] = normalize_rewards(scores[keep])
+    metrics["train/kl_ref"] = (kl.sum(1).sum() / sample_mask.sum().clamp(min=1)).item()
     batch = Batch(
         input_ids,
         attention_mask,
         mask,
+        sample_mask,
         scores,
         old_logprobs,
         ref_logprobs,
@@ -560,13 +635,13 @@ def minibatch_loss(
         log_ratio = (logprobs - old) * mask
     else:
         new_seq, old_seq = (logprobs * mask).sum(1), (old * mask).sum(1)
-        ones = torch.ones_like(new_seq)
+        samples = batch.sample_mask[rows]
         pg_loss, clip_frac = ppo_policy_loss(
-            new_seq, old_seq, batch.advantages[rows], ones, args.clip_epsilon
+            new_seq, old_seq, batch.advantages[rows], samples, args.clip_epsilon
         )
         loss = pg_loss
-        stats["train/approx_kl"] = approx_kl(new_seq, old_seq, ones)
-        log_ratio = new_seq - old_seq
+        stats["train/approx_kl"] = approx_kl(new_seq, old_seq, samples)
+        log_ratio = (new_seq - old_seq) * samples
     stats["train/policy_loss"] = pg_loss.item()
     stats["train/clip_frac"] = clip_frac.item()
     return loss, stats, log_ratio.detach()
@@ -662,6 +737,107 @@ def record_parameter_counts(run: Run, model: PolicyWithValue) -> None:
     run.print(f"trainable parameters: adapter {adapter:,} + value head {head:,}")
 
 
+def load_task_files(ppo_args: PPOArgs, train_args: TrainArgs, run: Run):
+    from coderl.tasks import load_tasks
+
+    train_tasks = load_tasks(ppo_args.train_file)
+    eval_tasks = (
+        load_tasks(train_args.eval_file)[: train_args.eval_tasks] if train_args.eval_file else []
+    )
+    overlap = {t["task_id"] for t in train_tasks} & {t["task_id"] for t in eval_tasks}
+    if overlap:
+        run.print(
+            f"warning: {len(overlap)} validation task ids are also training tasks; "
+            "eval/ metrics are not held-out"
+        )
+    return train_tasks, eval_tasks
+
+
+def any_usable(accelerator, rollouts: list[Rollout]) -> bool:
+    """Whether any process has a sample to learn from (all processes then update, or none)."""
+    count = torch.tensor([float(sum(usable(r) for r in rollouts))], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    return count.item() > 0
+
+
+def ppo_iteration(
+    run: Run,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    tokenizer,
+    tasks: list[dict],
+    sandbox,
+    sampling,
+    ppo_args: PPOArgs,
+    train_args: TrainArgs,
+    reward_args: RewardArgs,
+) -> tuple[dict[str, Any], list[Rollout]]:
+    """Sample and score, then fix the batch (old log-probs, values, advantages) and update."""
+    accelerator = run.accelerator
+    unwrapped: PolicyWithValue = accelerator.unwrap_model(model)
+    rollouts, metrics = rollout_step(
+        unwrapped.policy,
+        tokenizer,
+        tasks,
+        sampling,
+        sandbox,
+        reward_args,
+        seed=derive_seed(train_args.seed, step, accelerator.process_index) % 2**31,
+    )
+    metrics.update(rollout_metrics(rollouts))
+    started = time.perf_counter()
+    if any_usable(accelerator, rollouts):
+        batch, batch_metrics = make_batch(
+            unwrapped, rollouts, tokenizer.pad_token_id, ppo_args, accelerator.device
+        )
+        metrics.update(batch_metrics)
+        update_seed = derive_seed(train_args.seed, step, "minibatches")
+        metrics.update(
+            ppo_update(
+                model,
+                optimizer,
+                batch,
+                ppo_args,
+                train_args.max_grad_norm,
+                accelerator,
+                update_seed,
+            )
+        )
+    else:
+        run.print(f"step {step}: no usable sample (all infra_error or empty); no update")
+    metrics["train/lr"] = scheduler.get_last_lr()[0]
+    scheduler.step()
+    metrics["time/update"] = time.perf_counter() - started
+    return metrics, rollouts
+
+
+def run_validation(run: Run, model, tokenizer, tasks, sandbox, train_args, ppo_args) -> dict:
+    """Greedy pass@1 on the held-out tasks, on the main process only."""
+    result: dict = {}
+    if run.is_main:
+        result = validate(
+            run.accelerator.unwrap_model(model).policy,
+            tokenizer,
+            tasks,
+            sandbox,
+            max_new_tokens=train_args.eval_max_new_tokens,
+            prompt_mode=ppo_args.prompt_mode,
+            batch_size=ppo_args.generation_batch_size,
+        )
+        run.print(f"eval/pass@1 = {result['eval/pass@1']:.3f} on {len(tasks)} tasks")
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def evaluates_at(step: int, train_args: TrainArgs) -> bool:
+    return (
+        bool(train_args.eval_file and train_args.eval_every) and step % train_args.eval_every == 0
+    )
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     model_args, train_args, ppo_args, reward_args = parse_args(
@@ -669,19 +845,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     validate_common(model_args, train_args)
     validate_ppo_args(ppo_args)
-
-    from tqdm.auto import tqdm
-
-    from coderl.generation import SamplingConfig
-    from coderl.tasks import load_tasks
-    from sandbox import Sandbox
-
-    train_tasks = load_tasks(ppo_args.train_file)
-    eval_tasks = (
-        load_tasks(train_args.eval_file)[: train_args.eval_tasks] if train_args.eval_file else []
-    )
     run = start_run(train_args, (model_args, train_args, ppo_args, reward_args))
     accelerator = run.accelerator
+    train_tasks, eval_tasks = load_task_files(ppo_args, train_args, run)
 
     policy, tokenizer = load_policy(model_args, run, run.resume_from)
     value_head = None
@@ -689,27 +855,36 @@ def main(argv: list[str] | None = None) -> None:
         source = load_value_head_source(model_args, run.resume_from)
         value_head = build_value_head(policy, source, accelerator.device)
     model = PolicyWithValue(policy, value_head)
-    dropouts = disable_dropout(model)
+    run.print(f"dropout modules disabled: {disable_dropout(model)}")
     model.train()
     record_parameter_counts(run, model)
-    run.print(f"dropout modules disabled: {dropouts}")
-
     optimizer, scheduler = build_optimizer(
         optimizer_groups(model, ppo_args, train_args.learning_rate), train_args
     )
-    model = accelerator.prepare_model(model, device_placement=False)
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    unwrapped: PolicyWithValue = accelerator.unwrap_model(model)
 
     stream = TaskStream(len(train_tasks), seed=train_args.seed)
     start_step = 0
-    state = restore(run.resume_from)
+    if ppo_args.kl_reference == "init":
+        model.keep_reference_weights()
+    state = restore(run.resume_from)  # after every model / head init: the RNG is as saved
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.position = state["data_position"]
         start_step = state["step"]
+        if ppo_args.kl_reference == "init":
+            model.keep_reference_weights(state["reference_weights"])
         run.print(f"resumed from {run.resume_from} at step {start_step}")
+    # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
+    # device_placement off: the loader placed the (possibly quantized) model already.
+    unwrapped = model
+    model = accelerator.prepare_model(model, device_placement=False)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+
+    from tqdm.auto import tqdm
+
+    from coderl.generation import SamplingConfig
+    from sandbox import Sandbox
 
     sampling = SamplingConfig(
         max_new_tokens=ppo_args.max_new_tokens,
@@ -722,97 +897,63 @@ def main(argv: list[str] | None = None) -> None:
     sandbox = Sandbox(
         workers=train_args.sandbox_workers or None, timeout=train_args.sandbox_timeout
     )
-    pad_id = tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
-    last_checkpoint = None
-    metrics: dict[str, Any] = {}
+    last_checkpoint = run.resume_from  # what finish() exports if no step is left to run
     bar = tqdm(
-        range(start_step + 1, train_args.max_steps + 1),
-        initial=start_step,
         total=train_args.max_steps,
+        initial=start_step,
         desc=f"ppo-{ppo_args.variant}",
         disable=not run.is_main,
     )
     try:
-        for step in bar:
+        for step in range(start_step + 1, train_args.max_steps + 1):
             # Every process draws the same global batch and keeps its own slice of it.
             indices = stream.take(ppo_args.batch_size * world)[rank::world]
-            tasks = [train_tasks[i] for i in indices]
-            rollouts, timing = rollout_step(
-                unwrapped.policy,
+            metrics, rollouts = ppo_iteration(
+                run,
+                step,
+                model,
+                optimizer,
+                scheduler,
                 tokenizer,
-                tasks,
-                sampling,
+                [train_tasks[i] for i in indices],
                 sandbox,
+                sampling,
+                ppo_args,
+                train_args,
                 reward_args,
-                seed=derive_seed(train_args.seed, step, rank),
             )
-            metrics = {**rollout_metrics(rollouts), **timing}
-            run.logger.log_samples([r.log_row() for r in rollouts], step)
-            kept = usable(rollouts)
-            start = time.perf_counter()
-            if kept:
-                batch, batch_metrics = make_batch(
-                    unwrapped, kept, pad_id, ppo_args, accelerator.device
-                )
-                metrics.update(batch_metrics)
-                metrics.update(
-                    ppo_update(
-                        model,
-                        optimizer,
-                        batch,
-                        ppo_args,
-                        train_args.max_grad_norm,
-                        accelerator,
-                        seed=derive_seed(train_args.seed, step, "minibatches"),
-                    )
-                )
-            else:
-                run.print(f"step {step}: no usable rollouts (all infra_error or empty); no update")
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
-            scheduler.step()
-            metrics["time/update"] = time.perf_counter() - start
             metrics["train/epoch"] = stream.epoch
-            if train_args.eval_file and train_args.eval_every and step % train_args.eval_every == 0:
+            last = step == train_args.max_steps
+            if evaluates_at(step, train_args) or (last and eval_tasks):
                 metrics.update(
-                    eval_metrics(unwrapped, tokenizer, eval_tasks, sandbox, train_args, ppo_args)
+                    run_validation(run, model, tokenizer, eval_tasks, sandbox, train_args, ppo_args)
                 )
             run.logger.log(metrics, step)
-            bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}")
-            if step % train_args.save_every == 0 or step == train_args.max_steps:
-                if (
-                    step == train_args.max_steps
-                    and train_args.eval_file
-                    and "eval/pass@1" not in metrics
-                ):
-                    final_eval = eval_metrics(
-                        unwrapped, tokenizer, eval_tasks, sandbox, train_args, ppo_args
-                    )
-                    run.logger.log(final_eval, step)
-                    metrics.update(final_eval)
+            run.logger.log_samples([sample_row(r) for r in rollouts], step)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['rollout/reward_mean']:.3f}",
+                pass_rate=f"{metrics['rollout/pass_rate']:.2f}",
+            )
+            if step % train_args.save_every == 0 or last:
                 trainer_state = {
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "data_position": stream.position,
+                    "reference_weights": unwrapped.reference_weights,
                 }
                 last_checkpoint = save(
                     run, step, model, trainer_state, metrics, train_args.keep_last
                 )
     finally:
+        bar.close()
         sandbox.close()
     finish(run, last_checkpoint)
 
 
-def eval_metrics(model: PolicyWithValue, tokenizer, tasks, sandbox, train_args, ppo_args) -> dict:
-    return validate(
-        model.policy,
-        tokenizer,
-        tasks,
-        sandbox,
-        max_new_tokens=train_args.eval_max_new_tokens,
-        prompt_mode=ppo_args.prompt_mode,
-        batch_size=ppo_args.generation_batch_size,
-    )
+def sample_row(rollout: Rollout) -> dict:
+    return {**rollout.log_row(), "masked": not usable(rollout)}
 
 
 if __name__ == "__main__":

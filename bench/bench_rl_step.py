@@ -6,10 +6,12 @@ each side's median seconds per step after warm-up, the ratio ours / TRL, and whe
 
 Matched settings (both sides):
 
-* model: the tiny Llama of ``coderl.tiny_model`` (built into a temp folder), first fully
-  fine-tuned for ``--pretrain_steps`` steps on the toy Python tasks so that some completions pass
-  and groups have unequal rewards (a random model fails everything: every advantage is 0 and the
-  step would measure nothing but generation); fp32, CPU, ``--threads`` torch threads;
+* model: the tiny Llama of ``coderl.tiny_model`` (tokenizer trained with the toy tasks in its
+  corpus), first fully fine-tuned for ``--pretrain_steps`` steps on 256 toy Python tasks, each
+  target being the solution followed by a blank line and another task's function (as a base model
+  continues a HumanEval prompt), so that some completions pass and groups have unequal rewards (a
+  random model fails everything: every advantage is 0 and a step would measure nothing but
+  generation); the same 256 tasks are the prompts; fp32, CPU, ``--threads`` torch threads;
 * a fresh LoRA adapter, r=8, alpha=16, dropout 0, on every linear layer but the output head, the
   same initial weights (same seed);
 * 8 prompts x 4 generations x exactly 64 new tokens: the end-of-sequence tokens are masked out of
@@ -26,12 +28,16 @@ Matched settings (both sides):
   accumulation; ours: ``--micro_batch_size 32``).
 
 Settings that differ, and why: TRL's defaults of gradient checkpointing and bf16 are turned off
-(ours uses neither; fp32 is asked for). TRL generates the 32 sequences in one ``generate`` call;
-ours generates half the prompts, hands them to the sandbox, and generates the other half while
-they run (the overlap is the point). TRL computes entropies in its loss pass; ours does too
-(``train/entropy``). Ours runs no forward/backward for rows whose advantage is exactly 0 (their
-gradient is exactly 0); TRL runs every row. ``--no_skip`` in this benchmark (only here) makes ours
-run every row too, to show how much of the difference that is.
+(ours uses neither; fp32 is asked for). Both generate the 32 sequences in one ``generate`` call
+with the KV cache (ours with its default ``--score_chunk_tasks 0``); ours folds the adapter into
+a copy of the weights while generating, TRL runs peft's LoRA layers; ours samples each row from
+its own seeded generator (``coderl.generation``: reproducible whatever the batch), TRL samples the
+batch at once. Both compute entropies in the loss pass. In the update, ours runs each prompt once
+for its 4 completions (the completions continue from the prompt's cached keys/values) where TRL
+runs 32 full rows, and ours runs no forward/backward for rows whose advantage is exactly 0 (their
+gradient is exactly 0) where TRL runs every row. ``--no_skip`` (in this benchmark only) makes ours
+run every row too, to show how much of the difference that is; how many rows ours ran is printed
+for every step.
 
 Where the time goes: ours from ``time/generate`` (until the last chunk is handed to the sandbox),
 ``time/score`` (scoring left after generation ended) and ``time/update`` (forward/backward and the

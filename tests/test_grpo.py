@@ -335,11 +335,13 @@ def test_help_lists_every_algorithm_option(capsys):
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--no_such_flag", "1"], "unknown option(s): --no_such_flag"),
         (["--init_adapter", "/nonexistent"], "no adapter_config.json"),
+        (["--train_file", "/nonexistent.jsonl", "--report_to", "none"], "file not found"),
     ],
 )
-def test_bad_values_are_one_line_errors_with_exit_2(argv, message, capsys, tmp_path):
+def test_bad_values_are_one_line_errors_with_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     import train_grpo_lora
 
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         train_grpo_lora.main(["--output_dir", str(tmp_path / "o"), *argv])
     assert exit_info.value.code == 2
@@ -381,7 +383,9 @@ def runs(tmp_path_factory, tiny_model_dir, sft_adapter_dir, toy_data_dir):
 
     * ``python``: 8 GRPO steps from the SFT adapter on toy Python, checkpoint at 6, validation;
     * ``cpp``: the random tiny model on toy C++, zero_std=resample (every group is flat);
-    * ``tinylora``: 2 steps of TinyLoRA (u=32) on the SFT model merged into its base.
+    * ``tinylora``: 2 steps of TinyLoRA (u=32) on the SFT model merged into its base, with
+      zero_std=drop, two updates per rollout, KL to the reference, dapo, clip-higher and the
+      overlong penalty.
     """
     out = tmp_path_factory.mktemp("grpo-runs")
     py_train, py_test = (
@@ -407,6 +411,9 @@ def runs(tmp_path_factory, tiny_model_dir, sft_adapter_dir, toy_data_dir):
             out, "tinylora", py_train, "--model", str(merged), "--adapter", "tinylora",
             "--tinylora_u", "32", *SHAPED, "--learning_rate", "0.05", "--max_steps", "2",
             "--save_every", "1", "--keep_last", "5",
+            # the other branches of the algorithm, end to end
+            "--zero_std", "drop", "--num_iterations", "2", "--beta", "0.05", "--loss_type",
+            "dapo", "--epsilon_high", "0.28", "--overlong_penalty", "--overlong_buffer", "8",
         ),
     }  # fmt: skip
     procs = {name: start_script(args, out) for name, args in commands.items()}
@@ -514,3 +521,23 @@ def test_value_outside_the_choices_exits_2_naming_the_option(capsys, tmp_path):
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--loss_type" in last and "invalid choice" in last
+
+
+def test_drop_kl_and_several_iterations_end_to_end(runs):
+    """The tinylora run: dropped groups are out of the loss, the KL to the reference (the base,
+    adapter off) is logged and positive, and the second update of a rollout sees rho != 1."""
+    check_ran(runs.tinylora)
+    steps = train_steps(runs.out / "runs" / "tinylora")
+    for rec in steps.values():
+        assert rec["rollout/frac_dropped"] == rec["rollout/frac_reward_zero_std"]
+        kept_groups = round(8 * (1 - rec["rollout/frac_dropped"]))
+        assert rec["train/loss_sequences"] <= 4 * kept_groups
+        assert rec["train/forward_sequences"] == rec["train/loss_sequences"]  # beta > 0: all run
+        assert rec["train/kl"] > 0
+    config = json.loads((runs.out / "runs" / "tinylora" / "config.json").read_text())
+    assert config["computed"]["epsilon_high"] == 0.28
+    rows = [json.loads(x) for x in (runs.out / "runs" / "tinylora" / "samples.jsonl").open()]
+    assert len(rows) == 2 * 32  # dropped groups are logged too, without an advantage
+    for step, rec in steps.items():
+        unscored = [r for r in rows if r["step"] == step and r["advantage"] is None]
+        assert len(unscored) == round(32 * rec["rollout/frac_dropped"])

@@ -253,6 +253,20 @@ def test_stdio_python_comparison_rules(box):
     assert all(r.compiled is None for r in results)
 
 
+def test_programs_get_what_site_gives_a_normal_interpreter(box):
+    """The workers start without site (to keep every fork small): the builtins site defines and
+    the site-packages must still be there."""
+    task = stdio_task("python", DOUBLE_CASES)
+    runs = [
+        (task, "print(2 * int(input()))\nexit(0)\n"),
+        (task, "print(2 * int(input()))\nquit()\n"),
+        (task, "print(2 * int(input()))\nexit(4)\n"),
+        (task, "import pytest\nhelp, copyright, license\nprint(2 * int(input()))\n"),
+    ]
+    summary = [(r.status, r.tests_passed) for r in box.run_batch(runs)]
+    assert summary == [("passed", 3), ("passed", 3), ("runtime_error", 0), ("passed", 3)]
+
+
 def test_stdio_cpp_compiles_once_and_gives_partial_credit(box):
     cases = [("3\n", "6\n"), ("5\n", "11\n"), ("-4\n", "-8\n")]
     result = box.run(stdio_task("cpp", cases), CPP_DOUBLE)
