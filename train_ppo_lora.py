@@ -213,6 +213,13 @@ class PPOArgs:
             "same optimizer); 0 = --learning_rate."
         },
     )
+    target_kl: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stop an iteration's updates once a minibatch's approx KL (k3, old vs new) "
+            "exceeds 1.5 x this (0 = off; run all ppo_epochs)."
+        },
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
     temperature: float = field(
         default=1.0,
@@ -242,7 +249,14 @@ def validate_ppo_args(args: PPOArgs) -> None:
         raise UserError("--clip_epsilon must be positive")
     if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
         raise UserError("--gamma and --gae_lambda must lie in [0, 1]")
-    for name in ("vf_coef", "value_clip", "ent_coef", "kl_coef", "value_learning_rate"):
+    for name in (
+        "vf_coef",
+        "value_clip",
+        "ent_coef",
+        "kl_coef",
+        "value_learning_rate",
+        "target_kl",
+    ):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative")
     if args.temperature <= 0:
@@ -656,20 +670,30 @@ def ppo_update(
     accelerator,
     seed: int,
 ) -> dict[str, float]:
-    """``ppo_epochs`` shuffled passes over the batch, one optimizer step per minibatch."""
+    """``ppo_epochs`` shuffled passes over the batch, one optimizer step per minibatch.
+
+    With ``--target_kl`` > 0 the iteration stops before a step whose minibatch already drifted
+    past 1.5 x target_kl (k3 of old vs new, averaged over processes), as in Stable-Baselines3.
+    """
     generator = torch.Generator().manual_seed(seed)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     updates = 0
     ratio_dev_first = None
+    stopped = False
     for _ in range(args.ppo_epochs):
         order = torch.randperm(batch.size, generator=generator).to(batch.input_ids.device)
         for rows in torch.tensor_split(order, args.num_minibatches):
-            if rows.numel() == 0:
-                continue
             loss, stats, log_ratio = minibatch_loss(model, batch, rows, args)
             if ratio_dev_first is None:
                 ratio_dev_first = log_ratio.abs().max().item()
+            if (
+                args.target_kl > 0
+                and mean_over_processes(accelerator, stats["train/approx_kl"])
+                > 1.5 * args.target_kl
+            ):
+                stopped = True
+                break
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
@@ -679,11 +703,21 @@ def ppo_update(
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             updates += 1
+        if stopped:
+            break
     optimizer.zero_grad(set_to_none=True)
     metrics = {key: value / max(updates, 1) for key, value in sums.items()}
     metrics["train/ratio_dev_first"] = ratio_dev_first if ratio_dev_first is not None else 0.0
     metrics["train/updates"] = updates
+    metrics["train/early_stop"] = float(stopped)
     return metrics
+
+
+def mean_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="mean").item()
 
 
 # --------------------------------------------------------------------------- rollouts

@@ -414,16 +414,6 @@ class UpdateStats:
     grad_norm: float = 0.0
 
 
-def scored_token_ids(rollout: Rollout, eos_id: int | None) -> list[int]:
-    """The tokens whose log-probs make up log p(completion): the completion's ids, plus the EOS
-    that ended it when the rollout says so (``finish_reason == "eos"``), since stopping was
-    sampled too. Rollouts that do not record why they ended are scored on their ids alone."""
-    ids = list(rollout.completion_ids)
-    if eos_id is not None and getattr(rollout, "finish_reason", None) == "eos":
-        ids.append(eos_id)
-    return ids
-
-
 def micro_batches(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
@@ -437,7 +427,6 @@ def policy_update(
     rl_args: ReinforceArgs,
     train_args: TrainArgs,
     pad_id: int,
-    eos_id: int | None = None,
 ) -> UpdateStats:
     """One optimizer step on the step's rollouts (accumulated over micro-batches)."""
     accelerator = run.accelerator
@@ -446,7 +435,7 @@ def policy_update(
     mask = torch.tensor([r.mask for r in rollouts], dtype=torch.bool)
     # The global normaliser: every kept sample of the step counts once, whatever its micro-batch.
     num_kept = max(int(mask.sum()), 1)
-    token_total = sum(len(scored_token_ids(r, eos_id)) for r in rollouts if r.mask) or 1
+    token_total = sum(len(r.completion_ids) for r in rollouts if r.mask) or 1
     stats = UpdateStats()
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -455,7 +444,7 @@ def policy_update(
         part = [rollouts[i] for i in chunk]
         input_ids, attention, completion_mask = pack_sequences(
             [r.prompt_ids for r in part],
-            [scored_token_ids(r, eos_id) for r in part],
+            [r.completion_ids for r in part],
             pad_id,
             device,
         )
@@ -676,7 +665,6 @@ def reinforce_step(
         opts.rl,
         opts.train,
         tokenizer.pad_token_id,
-        tokenizer.eos_token_id,
     )
     lr = scheduler.get_last_lr()[0]
     scheduler.step()

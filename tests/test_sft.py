@@ -18,7 +18,7 @@ from coderl.generation import completion_for_sandbox, render_prompt
 from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
-from coderl.training import ModelArgs, prompt_token_ids
+from coderl.training import ModelArgs, TaskStream, prompt_token_ids
 from tests import training_fixtures
 from tests.training_fixtures import run_script
 
@@ -388,6 +388,12 @@ def test_end_to_end_lora_fp32_with_validation(
     assert [m["step"] for m in metrics if "eval/pass@1" in m] == [2, 3]
     assert all(0.0 <= m["eval/pass@1"] <= 1.0 for m in metrics if "eval/pass@1" in m)
     assert config["computed"]["max_steps"] == 3 and config["computed"]["examples"] == 24
+    # The first step's examples are the seeded stream's first four: count their tokens by hand.
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tasks = load_tasks(small_train_file)
+    first = [sft.encode_example(tasks[i], tokenizer, "base") for i in TaskStream(24, 42).take(4)]
+    assert metrics[0]["train/tokens"] == sum(ex.num_tokens for ex in first)
+    assert metrics[0]["train/loss_tokens"] == sum(len(ex.target_ids) for ex in first)
     assert config["computed"]["model"]["quantization"] == "none"
     assert_only_the_adapter_was_trained(tmp_path / "fp32", config)
     assert (tmp_path / "fp32" / "final" / "adapter_config.json").is_file()
@@ -463,6 +469,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     b = adapter_tensors(tmp_path / "parts" / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+    # Resuming onto other data would silently change what the rest of the run sees: refused.
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, load_tasks(small_train_file)[:20])
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main([*parts, "--train_file", str(other), "--max_steps", "8", "--resume"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.slow
