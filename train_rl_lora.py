@@ -41,10 +41,18 @@ d_t = log ref(y_t) - log pi(y_t):
 Both are aggregated over the completion's tokens like the policy term (sum or mean) and averaged
 over samples; ``train/kl`` logs the chosen estimator's per-token mean over completion tokens.
 
-Dropout mode: REINFORCE has no old log-probs, so there is nothing to keep consistent with except
-the sampling policy itself. The log-probs in the loss are recomputed with the model in train mode;
-``--lora_dropout`` defaults to 0.0 here so that the policy that is updated is exactly the one that
-sampled (a nonzero value makes the update use a dropped-out policy). Log-probs are those of the
+What ``log p(y | x)`` covers: the sampled completion's tokens as the plumbing returns them
+(``coderl.training.collect_rollouts``): the kept text's ids plus the EOS token when the sample
+ended by emitting it (stopping is an action too); the prompt and the tokens after a stop string
+are not scored. They are recomputed in one forward pass over prompt + completion ids, never by
+re-tokenizing text.
+
+Dropout mode: REINFORCE has no old log-probs, so the only thing to keep consistent is the policy
+that sampled (eval mode, no dropout) and the one that is differentiated (train mode). The loss's
+log-probs are recomputed in train mode with ``--lora_dropout``, which defaults to 0.0 here and is
+also applied to an ``--init_adapter`` (an SFT adapter would otherwise bring its 0.05): with 0.0
+the two are the same function. A nonzero value differentiates a dropped-out policy instead. The
+base model's own dropout is its config's (0 for Llama-style models). Log-probs are those of the
 untempered model; with ``--temperature`` != 1 or ``--top_p`` < 1 the samples come from a tempered
 / truncated distribution, a small bias the seed also had (the defaults 1.0 / 1.0 have none).
 
@@ -136,8 +144,8 @@ class RLModelArgs(ModelArgs):
     lora_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "LoRA dropout (RL default 0.0: the updated policy is exactly the one that "
-            "sampled). Used only for a fresh adapter; --init_adapter keeps its own."
+            "help": "LoRA dropout during the update (RL default 0.0: the updated policy is "
+            "exactly the one that sampled); also applied to an --init_adapter."
         },
     )
 
@@ -172,7 +180,7 @@ class ReinforceArgs:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (0, 1]."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
     generation_batch_size: int = field(
-        default=8, metadata={"help": "Prompts per generation batch."}
+        default=8, metadata={"help": "Sequences per generate call (prompts x samples)."}
     )
     micro_batch_size: int = field(
         default=4,
@@ -578,6 +586,17 @@ def load_task_files(train_args: TrainArgs, rl_args: ReinforceArgs, run):
     return train_tasks, eval_tasks
 
 
+def set_lora_dropout(model, p: float) -> int:
+    """Make every LoRA dropout layer drop with probability ``p``, also for a loaded adapter (an
+    SFT adapter keeps the 0.05 it was trained with otherwise). Returns the layers changed."""
+    changed = 0
+    for name, module in model.named_modules():
+        if "lora_dropout" in name and isinstance(module, torch.nn.Dropout):
+            module.p = p
+            changed += 1
+    return changed
+
+
 def record_computed(run, computed: dict) -> None:
     """Add values computed after parsing to the run's config (config.json and checkpoints)."""
     run.config["computed"].update(computed)
@@ -734,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     train_tasks, eval_tasks = load_task_files(opts.train, opts.rl, run)
     model, tokenizer = load_policy(opts.model, run, run.resume_from)
+    set_lora_dropout(model, opts.model.lora_dropout)
     optimizer, scheduler = build_optimizer(trainable_parameters(model), opts.train)
     stream = TaskStream(len(train_tasks), seed=opts.train.seed)
     baseline_state: dict[str, Any] = {"moving_mean": None}

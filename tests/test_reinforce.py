@@ -605,3 +605,23 @@ def test_reinforce_raises_the_reward_on_the_toy_family(toy_policy_dir, toy_data_
     assert sampled_after > sampled_before + 0.08, (sampled_before, sampled_after)
     assert last > first + 0.03, (first, last)
     assert greedy_after >= greedy_before, (greedy_before, greedy_after)
+
+
+def test_lora_dropout_of_a_loaded_adapter_is_set_so_train_mode_is_the_sampling_policy(
+    tiny_model_dir,
+):
+    model, _ = load_model(tiny_model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.5)  # as an SFT adapter would bring it
+    with torch.no_grad():  # a trained adapter: B != 0, so its dropout changes the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    model.eval()
+    with torch.no_grad():
+        sampling = model(input_ids=ids).logits
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.equal(model(input_ids=ids).logits, sampling)  # dropout 0.5 is active
+        assert rl.set_lora_dropout(model, 0.0) > 0
+        assert torch.equal(model(input_ids=ids).logits, sampling)

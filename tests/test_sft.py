@@ -19,12 +19,7 @@ from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import ModelArgs, TaskStream, prompt_token_ids
-from tests import training_fixtures
 from tests.training_fixtures import run_script
-
-# Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixtures here.
-toy_data_dir = training_fixtures.toy_data_dir
-sft_run = training_fixtures.sft_run
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -486,3 +481,37 @@ def test_sft_learns_the_toy_family(sft_run):
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.5 * first, (first, last)
     assert (sft_run.adapter_dir / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(
+    tiny_model_dir, small_train_file, tmp_path
+):
+    """DDP on CPU (gloo, 2 processes x batch 2 x accumulation 2) against one process with
+    accumulation 4: the same examples per step, the same per-token loss and gradient norm."""
+    import subprocess
+    import sys
+
+    from tests.training_fixtures import REPO, script_env
+
+    common = ["--lora_dropout", "0", "--lr_scheduler", "constant", "--max_steps", "2"]
+    one = base_args(tiny_model_dir, small_train_file, tmp_path, "one")
+    sft.main([*one, *common, "--gradient_accumulation_steps", "4"])
+    two = base_args(tiny_model_dir, small_train_file, tmp_path, "two")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    proc = subprocess.run(
+        [*launcher, "2", str(REPO / "train_sft_lora.py"), *two, *common],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, _ = read_run(tmp_path, "one")
+    ddp, config = read_run(tmp_path, "two")
+    assert config["computed"]["num_processes"] == 2
+    assert [m["step"] for m in ddp] == [1, 2]
+    for a, b in zip(single, ddp):
+        for key in ("train/loss", "train/grad_norm", "train/tokens", "train/epoch"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
