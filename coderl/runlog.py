@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from coderl.errors import UserError
 
 
 def _plain(value: Any) -> Any:
@@ -101,10 +104,18 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         return []
     by_step: dict[tuple[int, frozenset], dict] = {}
     order = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            # A kill mid-write leaves the last line cut off; anything else is real corruption.
+            if number == len(lines):
+                print(f"warning: {path}:{number}: incomplete last line skipped", file=sys.stderr)
+                continue
+            raise UserError(f"{path}:{number}: not a JSON line") from None
         key = (rec["step"], frozenset(k for k in rec if k not in ("step", "time")))
         if key not in by_step:
             order.append(key)

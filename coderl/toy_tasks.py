@@ -21,9 +21,9 @@ hash of the structure and the seed) exists only in the test split, so every such
 composition the model never saw. Single-step tasks are split by their constant instead (``add 7``
 may be a test task while ``add 3`` is a train task). No prompt or solution is shared.
 
-Every task's test inputs are chosen so that removing any one step changes at least one expected
-output, and the outputs are not all equal: a solution that skips a step, or returns a constant,
-fails. A composition where some step can never matter (``abs`` after ``square``) is dropped.
+Every task's test inputs are chosen so that removing any one step, or moving any constant by one,
+changes at least one expected output, and the outputs are not all equal: a solution that skips a
+step, miscopies a constant by one, or returns a constant, fails. A composition where some step can never matter (``abs`` after ``square``) is dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from coderl.errors import UserError
 
 # Share of multi-step structures (and of single-step constants) that only the test split uses.
 HOLDOUT_SHARE = 0.3
+# When an RL pool is asked for: share of the remaining structures that only the pool uses.
+RL_SHARE = 0.5
 # Outputs past this size make long, unreadable test lines; such input draws are redrawn.
 MAX_ABS_VALUE = 10**6
 # Test-input draws per spec: a spec that can be tested almost always is within 5 draws.
@@ -78,6 +80,17 @@ class Spec:
 
     def without_step(self, index: int) -> Spec:
         return Spec(self.family, self.steps[:index] + self.steps[index + 1 :], self.final)
+
+    def variants(self) -> list[Spec]:
+        """Near misses the tests must reject: each step dropped, each constant off by one."""
+        near = [self.without_step(i) for i in range(len(self.steps))]
+        for i, (name, k) in enumerate(self.steps):
+            if k is not None:
+                for other in (k - 1, k + 1):
+                    if other != 0:  # x // 0 is an error, not a near miss
+                        steps = (*self.steps[:i], (name, other), *self.steps[i + 1 :])
+                        near.append(Spec(self.family, steps, self.final))
+        return near
 
 
 def _floor_div(x: int, k: int) -> int:
@@ -309,26 +322,47 @@ def generate_toy_python(
     n_train: int = 500, n_test: int = 300, max_ops: int = 3, seed: int = 42
 ) -> tuple[list[dict], list[dict]]:
     """Python function tasks, ``num`` and ``list`` alternating, as (train, test) with no overlap."""
-    num = _choose_specs(NUM, (n_train + 1) // 2, (n_test + 1) // 2, max_ops, seed)
-    lists = _choose_specs(LIST, n_train // 2, n_test // 2, max_ops, seed)
-    return tuple(
-        [
-            _render_python(spec, inputs, f"toy_python/{split}/{i}")
-            for i, (spec, inputs) in enumerate(_alternate(num[split], lists[split]))
-        ]
-        for split in ("train", "test")
-    )
+    splits = toy_python_splits({"train": n_train, "test": n_test}, max_ops, seed)
+    return splits["train"], splits["test"]
 
 
 def generate_toy_cpp(
     n_train: int = 300, n_test: int = 100, max_ops: int = 3, seed: int = 42
 ) -> tuple[list[dict], list[dict]]:
     """C++ stdin/stdout tasks, as (train, test) with no overlap."""
-    chosen = _choose_specs(CPP, n_train, n_test, max_ops, seed)
-    return tuple(
-        [_render_cpp(spec, inputs, f"toy_cpp/{split}/{i}") for i, (spec, inputs) in enumerate(rows)]
+    splits = toy_cpp_splits({"train": n_train, "test": n_test}, max_ops, seed)
+    return splits["train"], splits["test"]
+
+
+def toy_python_splits(counts: dict[str, int], max_ops: int = 3, seed: int = 42) -> dict:
+    """Python tasks per split (``train``, ``test`` and optionally ``rl``), structures disjoint.
+
+    The ``rl`` pool is for reinforcement learning from tests: prompts whose structures neither
+    the SFT demonstrations (``train``) nor the held-out tasks (``test``) use. The test split does
+    not depend on the other counts; the train split depends on whether a pool is asked for (the
+    pool takes a share of its structures).
+    """
+    num = _choose_specs(NUM, {s: (n + 1) // 2 for s, n in counts.items()}, max_ops, seed)
+    lists = _choose_specs(LIST, {s: n // 2 for s, n in counts.items()}, max_ops, seed)
+    return {
+        split: [
+            _render_python(spec, inputs, f"toy_python/{split}/{i}")
+            for i, (spec, inputs) in enumerate(_alternate(num[split], lists[split]))
+        ]
+        for split in counts
+    }
+
+
+def toy_cpp_splits(counts: dict[str, int], max_ops: int = 3, seed: int = 42) -> dict:
+    """C++ stdin/stdout tasks per split, as ``toy_python_splits``."""
+    chosen = _choose_specs(CPP, counts, max_ops, seed)
+    return {
+        split: [
+            _render_cpp(spec, inputs, f"toy_cpp/{split}/{i}")
+            for i, (spec, inputs) in enumerate(rows)
+        ]
         for split, rows in chosen.items()
-    )
+    }
 
 
 def _alternate(first: list, second: list) -> list:
@@ -336,38 +370,52 @@ def _alternate(first: list, second: list) -> list:
     return mixed + first[len(second) :] + second[len(first) :]
 
 
-def split_of(spec: Spec, seed: int) -> str:
-    """Train or test: set by the structure (2+ steps) or by the step and its constant (1 step)."""
+def _unit(seed: int, salt: str, key) -> float:
+    digest = hashlib.sha256(f"{seed}:{salt}{key!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(spec: Spec, seed: int, with_rl: bool = False) -> str:
+    """Train, test (or rl): set by the structure (2+ steps) or by the step and its constant (1 step)."""
     key = spec.structure() if len(spec.steps) > 1 else (spec.family, spec.steps, spec.final)
-    digest = hashlib.sha256(f"{seed}:{key!r}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < HOLDOUT_SHARE else "train"
+    if _unit(seed, "", key) < HOLDOUT_SHARE:
+        return "test"
+    if with_rl and _unit(seed, "rl:", key) < RL_SHARE:
+        return "rl"
+    return "train"
 
 
 def _choose_specs(
-    family: Family, n_train: int, n_test: int, max_ops: int, seed: int
+    family: Family, counts: dict[str, int], max_ops: int, seed: int
 ) -> dict[str, list[tuple[Spec, list]]]:
     """Distinct specs with their test inputs, per split, drawn from the family's own stream."""
     label = f"toy {family.name} tasks"
-    if max_ops < 1 or n_train < 0 or n_test < 0:
+    unknown = set(counts) - {"train", "test", "rl"}
+    if unknown:
+        raise UserError(f"{label}: unknown split(s) {', '.join(sorted(unknown))}")
+    if max_ops < 1 or any(n < 0 for n in counts.values()):
         raise UserError(f"{label}: need max_ops >= 1 and non-negative task counts")
     rng = random.Random(f"coderl-toy:{family.name}:{seed}")
-    quota = {"train": n_train, "test": n_test}
-    chosen: dict[str, list[tuple[Spec, list]]] = {"train": [], "test": []}
+    quota = {"train": 0, "test": 0, "rl": 0, **counts}
+    with_rl = quota["rl"] > 0
+    chosen: dict[str, list[tuple[Spec, list]]] = {split: [] for split in quota}
     tried: set[Spec] = set()
     # Duplicates and full quotas cost a draw; this bound only stops a request that cannot be met.
-    for _ in range(200 * (n_train + n_test) + 1000):
+    for _ in range(200 * sum(quota.values()) + 1000):
         if all(len(chosen[split]) >= quota[split] for split in quota):
-            return chosen
+            return {split: chosen[split] for split in counts}
         spec = family.sample_spec(rng, max_ops)
-        split = split_of(spec, seed)
+        split = split_of(spec, seed, with_rl)
         if spec in tried or len(chosen[split]) >= quota[split]:
             continue
         tried.add(spec)
-        inputs = _pick_inputs(spec, rng)
+        # Each spec's inputs have their own stream: a split never shifts another one's draws.
+        inputs = _pick_inputs(spec, random.Random(f"coderl-toy-inputs:{seed}:{spec!r}"))
         if inputs is not None:
             chosen[split].append((spec, inputs))
+    wanted = " + ".join(f"{n} {split}" for split, n in counts.items())
     raise UserError(
-        f"{label}: cannot make {n_train} train + {n_test} test distinct tasks with"
+        f"{label}: cannot make {wanted} distinct tasks with"
         f" max_ops={max_ops} (lower the counts or raise max_ops)"
     )
 
@@ -377,7 +425,8 @@ def _family(spec: Spec) -> Family:
 
 
 def _pick_inputs(spec: Spec, rng: random.Random) -> list | None:
-    """Inputs on which every step matters and the outputs vary; None if no draw achieves it."""
+    """Inputs on which every step and constant matters and the outputs vary; None if no draw
+    achieves it."""
     family = _family(spec)
     for _ in range(INPUT_DRAWS):
         inputs = [family.sample_input(rng) for _ in range(INPUTS_PER_TASK)]
@@ -387,8 +436,8 @@ def _pick_inputs(spec: Spec, rng: random.Random) -> list | None:
         if len({repr(out) for out in outputs}) < 2 or _too_large(outputs):
             continue
         if all(
-            [family.run(spec.without_step(i), value) for value in inputs] != outputs
-            for i in range(len(spec.steps))
+            [family.run(variant, value) for value in inputs] != outputs
+            for variant in spec.variants()
         ):
             return inputs
     return None

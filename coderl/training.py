@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -202,6 +203,8 @@ def start_run(
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),
     )
+    warn_if_launched_as_one_cpu_process(accelerator)
+    refuse_sharded_training(accelerator)
     output_dir = Path(train_args.output_dir)
     resume_from = None
     if train_args.resume:
@@ -224,6 +227,35 @@ def start_run(
         run_dir, config=config, report_to=train_args.report_to, enabled=accelerator.is_main_process
     )
     return Run(accelerator, logger, output_dir, run_dir, resume_from, config)
+
+
+def warn_if_launched_as_one_cpu_process(accelerator) -> None:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process whatever N is: accelerate
+    (1.15) starts several CPU processes only through MPI (``--mpirun_hostfile``). Its launcher still sets
+    ``MASTER_ADDR`` for the N processes asked for, which is how the mismatch shows here."""
+    if (
+        accelerator.num_processes == 1
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        and "MASTER_ADDR" in os.environ
+    ):
+        print(
+            "warning: running as 1 process (`accelerate launch --cpu` starts one without MPI); "
+            "for several CPU processes use `CUDA_VISIBLE_DEVICES= accelerate launch "
+            "--config_file configs/accelerate/cpu_2proc.yaml ...` or `torchrun "
+            "--nproc_per_node N ...`",
+            file=sys.stderr,
+        )
+
+
+def refuse_sharded_training(accelerator) -> None:
+    """FSDP / DeepSpeed shard the weights; these scripts save, generate and validate on single
+    processes, which would hang or save one shard. Refuse at once rather than part-way."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise UserError(
+            f"{kind} is not supported by these scripts yet (they save and generate on single "
+            "processes); use DDP (configs/accelerate/multi_gpu.yaml) with a 4-bit base per GPU"
+        )
 
 
 def resolve_quantization(quantization: str) -> str:
@@ -564,21 +596,59 @@ def save(
     metrics: dict[str, Any],
     keep_last: int,
 ) -> Path | None:
-    """Checkpoint from the main process only (other processes wait)."""
+    """Checkpoint from the main process only (other processes wait).
+
+    Under DDP every process first compares its trainable values with the main process's; the
+    result goes to ``meta.json`` as ``replicas`` (see :func:`replica_agreement`).
+    """
     run.accelerator.wait_for_everyone()
+    meta: dict[str, Any] = {"args": run.config, "metrics": metrics}
+    replicas = replica_agreement(run.accelerator, model)
+    if replicas is not None:
+        meta["replicas"] = replicas
+        if replicas["max_abs_diff"] > 0:
+            run.print(
+                f"warning: step {step}: the {replicas['processes']} processes hold different "
+                f"adapter values (largest difference {replicas['max_abs_diff']:.3g})"
+            )
     path = None
     if run.is_main:
         unwrapped = run.accelerator.unwrap_model(model)
         path = save_checkpoint(
-            run.output_dir,
-            step,
-            unwrapped,
-            trainer_state,
-            {"args": run.config, "metrics": metrics},
-            keep_last=keep_last,
+            run.output_dir, step, unwrapped, trainer_state, meta, keep_last=keep_last
         )
     run.accelerator.wait_for_everyone()
     return path
+
+
+def replica_agreement(accelerator, model) -> dict[str, Any] | None:
+    """Do the DDP replicas hold the same trainable values? None unless ``model`` is DDP-wrapped
+    (one process, or FSDP / DeepSpeed, whose processes hold different shards by design).
+
+    DDP keeps replicas equal only if every process applies the same averaged gradient to every
+    trainable tensor; a tensor DDP does not see (made trainable after wrapping) or a process that
+    skips a step makes them drift apart silently. Every process receives the main process's
+    values and measures its largest difference from them; ``max_abs_diff`` is the largest over
+    processes (0.0 when all agree) and ``checksums`` each process's sum of its values, in
+    process order. Costs one broadcast of the trainable values (small for adapters).
+    """
+    from accelerate.utils import broadcast
+
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    values = torch.cat(
+        [p.detach().reshape(-1).float() for p in trainable_parameters(model)]
+        or [torch.zeros(0, device=accelerator.device)]
+    )
+    reference = broadcast(values.clone(), from_process=0)
+    largest = (values - reference).abs().max() if values.numel() else values.new_zeros(())
+    local = torch.stack([largest.double(), values.double().sum()]).unsqueeze(0)
+    per_process = accelerator.gather(local).cpu()  # processes x 2
+    return {
+        "processes": per_process.shape[0],
+        "max_abs_diff": float(per_process[:, 0].max()),
+        "checksums": [float(c) for c in per_process[:, 1]],
+    }
 
 
 def finish(run: Run, last_checkpoint: Path | None) -> None:

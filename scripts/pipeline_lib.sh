@@ -1,39 +1,361 @@
+# shellcheck shell=bash
 # Shared shell helpers for the train_*.sh pipelines (sourced, not run).
-# Each stage is skipped when its output is complete and resumed when a run was killed.
+#
+# Every stage is skipped when its output is complete and resumed when a run was killed:
+#   data      the task files exist                       -> prepare_data.py is not run
+#   base      <base>/config.json exists                  -> the tiny model is not built again
+#   train     checkpoints/<name>/final/ holds an adapter -> skipped; checkpoint-* left -> --resume
+#   eval      eval/<name>/summary.json, same settings, row in the table -> skipped; a killed
+#             evaluation resumes; changed settings (or a retrained checkpoint) start it over
+#   charts    redrawn only when the summaries or metrics they show changed
+# Delete a stage's folder to redo it (and the stages after it).
+#
+# The pipeline sets these globals before calling the helpers: REPO (this checkout), PYTHON, OUT
+# (absolute), SEED. Layout under OUT:
+#   checkpoints/<name>/  training output (checkpoint-<step>/, final/)
+#   runs/<name>/         metrics.jsonl and TensorBoard logs of a training run
+#   models/<name>        a link to what row <name> evaluates (so the table names rows by <name>)
+#   eval/<name>/         samples.jsonl, results.jsonl, summary.json of one evaluation
+#   .stamps/             what each finished evaluation and chart was made from (for skipping)
 
-log() { printf '\n== %s\n' "$*" >&2; }
+# log MESSAGE: a stage line on stderr, with the time since the pipeline started.
+log() { printf '\n== [%s] %s\n' "$(elapsed)" "$*" >&2; }
+
+skip() { log "$*: done, skipping"; }
+
+# die MESSAGE: one line on stderr and exit status 2, as the Python scripts do for bad input.
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 2
+}
+
+check_preset() {
+  case "$1" in
+    tiny | full) ;;
+    *) die "unknown PRESET=$1 (choose tiny or full)" ;;
+  esac
+}
+
+cpu_count() { nproc 2> /dev/null || getconf _NPROCESSORS_ONLN; }
+
+# absolute PATH: PATH made absolute against the current directory (it need not exist yet).
+absolute() {
+  case "$1" in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s/%s\n' "$PWD" "${1#./}" ;;
+  esac
+}
+
+# join SEPARATOR WORD...: the words with SEPARATOR between them.
+join() {
+  local sep=$1 out="" word
+  shift
+  for word in "$@"; do out+="${out:+$sep}$word"; done
+  printf '%s\n' "$out"
+}
+
+# elapsed: the shell's running time as "XmYYs".
+elapsed() { printf '%dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60)); }
+
+# ------------------------------------------------------------------------------------ stamps
+
+stamp_file() { printf '%s/.stamps/%s\n' "$OUT" "$1"; }
+
+# stamp_matches KEY TEXT: the stamp KEY was written with exactly TEXT.
+stamp_matches() {
+  local file
+  file=$(stamp_file "$1")
+  [ -f "$file" ] && [ "$(cat "$file")" = "$2" ]
+}
+
+write_stamp() {
+  local file
+  file=$(stamp_file "$1")
+  mkdir -p "$(dirname "$file")"
+  printf '%s\n' "$2" > "$file"
+}
+
+# fingerprint PATH...: names, sizes and modification times of files (of a folder's top-level
+# files for a folder), so a rebuilt model or a retrained adapter changes it; hub ids stay as they are.
+fingerprint() {
+  local path
+  for path in "$@"; do
+    if [ -d "$path" ]; then
+      find -L "$path" -maxdepth 1 -type f -printf '%p %s %T@\n' | sort
+    elif [ -f "$path" ]; then
+      find -L "$path" -maxdepth 0 -printf '%p %s %T@\n'
+    else
+      printf '%s\n' "$path"
+    fi
+  done
+}
+
+# config_contents ARGS...: the text of every `--config FILE` among ARGS (part of a stage's identity).
+config_contents() {
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "--config" ] && [ $# -gt 1 ]; then
+      cat "$2"
+      shift
+    fi
+    shift
+  done
+}
+
+# ------------------------------------------------------------------------------------ stages
+
+# setup_preset: what PRESET means, for every pipeline. Sets CONFIGS (configs/<PRESET>), MODEL's
+# default, the task files SFT_FILE (demonstrations), RL_FILE (RL prompts with tests) and
+# TEST_FILE (held out: every evaluation), and SFT_METHOD (the SFT row's label). OUT, DATA and a
+# local MODEL are made absolute: adapters record their base by path, and evaluation runs from
+# $OUT/models.
+# shellcheck disable=SC2034  # the globals set here are read by the pipelines
+setup_preset() {
+  command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: no such interpreter"
+  OUT=$(absolute "$OUT")
+  DATA=$(absolute "$DATA")
+  CONFIGS="$REPO/configs/$PRESET"
+  export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+  if [ "$PRESET" = tiny ]; then
+    MODEL=$(absolute "${MODEL:-$OUT/base}")
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(cpu_count)}
+    # Everything the tiny preset needs is local: never wait on the network.
+    export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+    SFT_FILE=$DATA/toy_python_train.jsonl
+    RL_FILE=$DATA/toy_python_rl.jsonl
+    TEST_FILE=$DATA/toy_python_test.jsonl
+    SFT_METHOD="SFT (LoRA)"
+  else
+    MODEL=${MODEL:-deepseek-ai/deepseek-coder-1.3b-base}
+    if [ -e "$MODEL" ]; then MODEL=$(absolute "$MODEL"); fi
+    # The seed's split: 131 HumanEval tasks to train on, 33 held out.
+    SFT_FILE=$DATA/humaneval_train.jsonl
+    RL_FILE=$SFT_FILE
+    TEST_FILE=$DATA/humaneval_test.jsonl
+    SFT_METHOD="SFT (QLoRA + LoRA)"
+  fi
+  mkdir -p "$OUT"
+}
+
+# prepare_preset_data: the task files of setup_preset.
+prepare_preset_data() {
+  if [ "$PRESET" = tiny ]; then
+    prepare_data "$DATA" toy_python_train.jsonl toy_python_rl.jsonl toy_python_test.jsonl \
+      -- --source toy
+  else
+    prepare_data "$DATA" humaneval_train.jsonl humaneval_test.jsonl -- --source humaneval
+  fi
+}
+
+# prepare_base: build the tiny model (its tokenizer learns the SFT and RL files, never the
+# held-out ones), or say where the full preset's base comes from.
+prepare_base() {
+  if [ "$PRESET" = tiny ]; then
+    build_tiny_base "$MODEL" "$SFT_FILE" "$RL_FILE"
+  elif [ -d "$MODEL" ]; then
+    skip "base model ($MODEL, a local folder)"
+  else
+    log "base model $MODEL: from the Hugging Face cache, downloaded on first use"
+  fi
+}
+
+# train_sft: the SFT stage (configs/<PRESET>/sft.yaml; SFT_MAX_STEPS > 0 overrides its length).
+train_sft() {
+  local flags=()
+  if [ "${SFT_MAX_STEPS:-0}" -gt 0 ]; then flags=(--max_steps "$SFT_MAX_STEPS"); fi
+  train sft train_sft_lora.py --config "$CONFIGS/sft.yaml" --model "$MODEL" \
+    --train_file "$SFT_FILE" ${flags[@]+"${flags[@]}"}
+}
+
+# rl_overrides PROMPTS_OPTION: set RL_FLAGS to the quick-check overrides of the RL configs
+# (RL_MAX_STEPS, RL_PROMPTS, RL_GENERATIONS; 0 = keep the config's). PROMPTS_OPTION is the
+# script's name for prompts per step (--batch_size or --num_prompts).
+rl_overrides() {
+  RL_FLAGS=()
+  if [ "${RL_MAX_STEPS:-0}" -gt 0 ]; then RL_FLAGS+=(--max_steps "$RL_MAX_STEPS"); fi
+  if [ "${RL_PROMPTS:-0}" -gt 0 ]; then RL_FLAGS+=("$1" "$RL_PROMPTS"); fi
+  if [ "${RL_GENERATIONS:-0}" -gt 0 ]; then RL_FLAGS+=(--num_generations "$RL_GENERATIONS"); fi
+}
+
+# prepare_data DIR FILE... -- ARGS...: write task files with prepare_data.py ARGS unless every
+# FILE is already in DIR.
+prepare_data() {
+  local dir=$1 file missing=0
+  local files=()
+  shift
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+    files+=("$1")
+    shift
+  done
+  shift
+  for file in "${files[@]}"; do [ -f "$dir/$file" ] || missing=1; done
+  if [ "$missing" = 0 ]; then
+    skip "data ${files[*]}"
+    return 0
+  fi
+  log "data -> $dir (${files[*]})"
+  "$PYTHON" "$REPO/prepare_data.py" --output_dir "$dir" "$@"
+  for file in "${files[@]}"; do
+    [ -f "$dir/$file" ] || die "prepare_data.py wrote no $dir/$file"
+  done
+}
+
+# build_tiny_base DIR CORPUS...: build the tiny random-init model into DIR unless it is there.
+# It is built beside DIR and renamed, so DIR never holds half a model.
+build_tiny_base() {
+  local dir=$1
+  shift
+  if [ -f "$dir/config.json" ]; then
+    skip "base model ($dir)"
+    return 0
+  fi
+  [ ! -e "$dir" ] || die "$dir exists but holds no model (no config.json); remove it or set MODEL"
+  log "build tiny base model -> $dir"
+  rm -rf "$dir.partial"
+  "$PYTHON" "$REPO/build_tiny_model.py" --out_dir "$dir.partial" --corpus "$@"
+  mv "$dir.partial" "$dir"
+}
 
 # stage_done DIR: a training stage is complete when DIR/final holds an adapter.
 stage_done() { [ -f "$1/final/adapter_config.json" ]; }
 
-# resume_flag DIR: --resume when an interrupted run left checkpoints behind.
-resume_flag() {
-  if compgen -G "$1/checkpoint-*" > /dev/null; then echo "--resume"; fi
-}
+has_checkpoints() { compgen -G "$1/checkpoint-*" > /dev/null; }
 
-# train SCRIPT OUTDIR ARGS...: run a training script unless its output is already complete.
+# train NAME SCRIPT ARGS...: one training run into $OUT/checkpoints/NAME, logged to
+# $OUT/runs/NAME; skipped when its final/ adapter exists, resumed when checkpoints are left.
 train() {
-  local script=$1 out=$2
+  local name=$1 script=$2
   shift 2
+  local out="$OUT/checkpoints/$name"
   if stage_done "$out"; then
-    log "$script -> $out: done, skipping"
+    skip "train $name"
     return 0
   fi
-  log "$script -> $out"
-  # shellcheck disable=SC2046
-  python "$script" --output_dir "$out" $(resume_flag "$out") "$@"
+  local resume=()
+  if has_checkpoints "$out"; then
+    resume=(--resume)
+    log "train $name ($script): resuming from the last checkpoint"
+  else
+    log "train $name ($script)"
+  fi
+  "$PYTHON" "$REPO/$script" --output_dir "$out" --logging_dir "$OUT/runs" --run_name "$name" \
+    --seed "$SEED" ${resume[@]+"${resume[@]}"} "$@"
+  stage_done "$out" || die "$script finished without writing $out/final"
 }
 
-# evaluate NAME METHOD MODEL TASKS OUTDIR TABLE ARGS...: one row of the comparison table.
+# final_adapter NAME: where train NAME leaves its adapter.
+final_adapter() { printf '%s/checkpoints/%s/final\n' "$OUT" "$1"; }
+
+# ------------------------------------------------------------------------------------ evaluation
+
+# Rows of a comparison: add_row NAME METHOD SOURCE appends to ROW_NAMES / ROW_METHODS /
+# ROW_SOURCES (SOURCE: a hub id, a model folder or an adapter folder); clear_rows empties them.
+clear_rows() {
+  ROW_NAMES=()
+  ROW_METHODS=()
+  ROW_SOURCES=()
+}
+
+add_row() {
+  ROW_NAMES+=("$1")
+  ROW_METHODS+=("$2")
+  ROW_SOURCES+=("$3")
+}
+
+# model_ref NAME SOURCE: the --model that evaluation is given. A local folder is linked as
+# $OUT/models/NAME and evaluated from there under that name, so the table's row reads NAME; a hub
+# id is used as it is (the row reads the id, as in the seed's table).
+model_ref() {
+  local name=$1 source=$2
+  if [ -d "$source" ]; then
+    mkdir -p "$OUT/models"
+    ln -sfn "$(absolute "$source")" "$OUT/models/$name"
+    printf '%s\n' "$name"
+  else
+    printf '%s\n' "$source"
+  fi
+}
+
+# evaluate NAME METHOD SOURCE TASKS TABLE ARGS...: evaluate one checkpoint with eval_humaneval.py
+# (ARGS: its settings, the same for every row) into $OUT/eval/NAME and put its row in TABLE.
 evaluate() {
-  local name=$1 method=$2 model=$3 tasks=$4 out=$5 table=$6
-  shift 6
-  if [ -f "$out/$name/summary.json" ]; then
-    log "eval $name: done, skipping"
+  local name=$1 method=$2 source=$3 tasks=$4 table=$5
+  shift 5
+  local out="$OUT/eval/$name" model stamp
+  model=$(model_ref "$name" "$source")
+  stamp=$(
+    printf '%s\n' "$model" "$tasks" "$@"
+    config_contents "$@"
+    fingerprint "$source" "$tasks"
+  )
+  if [ -f "$out/summary.json" ] && stamp_matches "eval_$name" "$stamp" \
+    && grep -qF "| \`$model\` |" "$table" 2> /dev/null; then
+    skip "eval $name"
+    return 0
+  fi
+  local overwrite=()
+  if [ -f "$(stamp_file "eval_$name")" ] && ! stamp_matches "eval_$name" "$stamp"; then
+    # Another checkpoint or other settings than the folder holds: its rows would not compare.
+    overwrite=(--overwrite)
+    log "eval $name ($method): settings or checkpoint changed, starting over"
+  elif [ -f "$out/summary.json" ]; then
+    log "eval $name ($method): re-reading the finished evaluation"
   else
     log "eval $name ($method)"
   fi
-  # Rerunning a finished evaluation only re-reads it; a killed one resumes where it stopped.
-  python eval_humaneval.py --model "$model" --problems "$tasks" --output_dir "$out/$name" \
-    --method "$method" --table "$table" "$@"
+  mkdir -p "$out" "$OUT/models" "$(dirname "$table")"
+  write_stamp "eval_$name" "$stamp"
+  # Run from models/ so that a linked checkpoint is named by its row name.
+  (
+    cd "$OUT/models" || exit
+    "$PYTHON" "$REPO/eval_humaneval.py" --model "$model" --problems "$tasks" --output_dir "$out" \
+      --method "$method" --table "$table" ${overwrite[@]+"${overwrite[@]}"} "$@"
+  )
+}
+
+# evaluate_rows TASKS TABLE ARGS...: evaluate every row added with add_row.
+evaluate_rows() {
+  local tasks=$1 table=$2 i
+  shift 2
+  for i in "${!ROW_NAMES[@]}"; do
+    evaluate "${ROW_NAMES[$i]}" "${ROW_METHODS[$i]}" "${ROW_SOURCES[$i]}" "$tasks" "$table" "$@"
+  done
+}
+
+# chart PNG NAME...: pass@1 and average length of the evaluated checkpoints NAME... side by side
+# (eval_humaneval.py --compare, which also prints a per-task diff of the first two).
+chart() {
+  local png=$1 name stamp
+  shift
+  local dirs=()
+  for name in "$@"; do dirs+=("$OUT/eval/$name"); done
+  stamp=$(fingerprint "${dirs[@]/%//summary.json}")
+  if [ -f "$png" ] && stamp_matches "$(basename "$png")" "$stamp"; then
+    skip "chart $png"
+    return 0
+  fi
+  log "chart -> $png"
+  "$PYTHON" "$REPO/eval_humaneval.py" --compare "${dirs[@]}" --chart "$png"
+  write_stamp "$(basename "$png")" "$stamp"
+}
+
+# curves PNG TITLE NAME...: training curves of the runs NAME... (plot_training.py) in one PNG.
+curves() {
+  local png=$1 title=$2 name stamp
+  shift 2
+  local runs=()
+  for name in "$@"; do runs+=("$OUT/runs/$name"); done
+  stamp=$(fingerprint "${runs[@]/%//metrics.jsonl}")
+  if [ -f "$png" ] && stamp_matches "$(basename "$png")" "$stamp"; then
+    skip "training curves $png"
+    return 0
+  fi
+  log "training curves -> $png"
+  "$PYTHON" "$REPO/plot_training.py" --runs "${runs[@]}" --output "$png" --title "$title"
+  write_stamp "$(basename "$png")" "$stamp"
+}
+
+# show_table TABLE: the finished comparison, on stdout.
+show_table() {
+  log "results: $1"
+  cat "$1"
 }

@@ -121,3 +121,31 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
 def test_parse_args_bad_value_is_one_user_error_line():
     with pytest.raises(UserError, match="invalid int value: 'x'"):
         parse_args((Opts,), ["--steps", "x"])
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_with_one_line(kind):
+    from accelerate.utils import DistributedType
+
+    from coderl.errors import UserError
+    from coderl.training import refuse_sharded_training
+
+    fake = type("FakeAccelerator", (), {"distributed_type": getattr(DistributedType, kind)})
+    with pytest.raises(UserError, match=f"^{kind} is not supported"):
+        refuse_sharded_training(fake())
+    for fine in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        fake.distributed_type = getattr(DistributedType, fine)
+        refuse_sharded_training(fake())
+
+
+def test_read_metrics_skips_a_cut_off_last_line_but_not_corruption(tmp_path, capsys):
+    from coderl.errors import UserError
+    from coderl.runlog import read_metrics
+
+    good = '{"step": 1, "time": 0, "train/loss": 2.5}\n{"step": 2, "time": 0, "train/loss": 1.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(good + '{"step": 3, "ti')
+    assert [r["train/loss"] for r in read_metrics(tmp_path)] == [2.5, 1.5]
+    assert "incomplete last line skipped" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "ti\n' + good)
+    with pytest.raises(UserError, match="metrics.jsonl:1: not a JSON line"):
+        read_metrics(tmp_path)

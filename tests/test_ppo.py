@@ -23,7 +23,6 @@ from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
 from tests import training_fixtures
-from tests.conftest import TINY_TEST_MODEL
 from tests.training_fixtures import run_script
 from train_ppo_lora import PPOTrainArgs
 
@@ -31,8 +30,6 @@ from train_ppo_lora import PPOTrainArgs
 toy_data_dir = training_fixtures.toy_data_dir
 sft_run = training_fixtures.sft_run
 sft_adapter_dir = training_fixtures.sft_adapter_dir
-
-TINY_HIDDEN = TINY_TEST_MODEL["hidden_size"]
 
 # --------------------------------------------------------------------------- GAE two ways
 
@@ -561,7 +558,8 @@ def check_two_step_run(inputs: Inputs, name: str, variant: str, adapter_params: 
         ]
         assert not torch.equal(heads[0]["linear.weight"], heads[1]["linear.weight"])
         assert (out / "final" / ppo.VALUE_HEAD_FILE).is_file()
-        assert computed["trainable_params_value_head"] == TINY_HIDDEN + 1
+        hidden = json.loads((inputs.model / "config.json").read_text())["hidden_size"]
+        assert computed["trainable_params_value_head"] == hidden + 1
     else:
         assert not (out / "checkpoint-2" / ppo.VALUE_HEAD_FILE).exists()
         assert computed["trainable_params_value_head"] == 0

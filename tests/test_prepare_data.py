@@ -25,6 +25,10 @@ SMALL_TOY = [
     "20",
     "--toy_cpp_test",
     "10",
+    "--toy_python_rl",
+    "30",
+    "--toy_cpp_rl",
+    "0",
 ]
 
 
@@ -47,8 +51,10 @@ def test_default_run_writes_every_file_with_its_count_and_reruns_identically(tmp
         "humaneval_test": 33,
         "toy_python_train": 500,
         "toy_python_test": 300,
+        "toy_python_rl": 1000,
         "toy_cpp_train": 300,
         "toy_cpp_test": 100,
+        "toy_cpp_rl": 300,
     }
     for name, count in expected.items():
         assert f"wrote {tmp_path / 'a' / name}.jsonl ({count} tasks)" in first.stdout
@@ -125,6 +131,8 @@ def test_options_are_parsed_and_toy_sizes_follow_them(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'toy_python_train.jsonl'} (40 tasks)" in out
     assert f"wrote {tmp_path / 'toy_cpp_test.jsonl'} (10 tasks)" in out
+    assert f"wrote {tmp_path / 'toy_python_rl.jsonl'} (30 tasks)" in out
+    assert not (tmp_path / "toy_cpp_rl.jsonl").exists()  # 0 = no pool
     solutions = [t["canonical_solution"] for t in load_tasks(tmp_path / "toy_python_train.jsonl")]
     assert max(solution.count("\n") for solution in solutions) == 3  # 2 steps + return
 

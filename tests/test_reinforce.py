@@ -281,6 +281,22 @@ def test_update_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_di
         assert not torch.equal(after[name].detach(), value), name
 
 
+def test_sampling_logprobs_are_the_tempered_policy_shifted_before_gathering(tiny_model_dir):
+    from coderl.training import token_logprobs
+
+    model, _ = load_model(tiny_model_dir)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7], [1, 8, 2, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(rl.sampling_logprobs(model, ids, mask), token_logprobs(model, ids, mask))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logprobs, entropy = rl.sampling_logprobs(model, ids, mask, 0.5, return_entropy=True)
+    # Position t-1 holds log p(x_t | x_<t) at temperature 0.5, i.e. softmax(2 * logits).
+    by_hand = torch.log_softmax(2 * logits[0, 2], -1)
+    assert logprobs[0, 2].item() == pytest.approx(by_hand[14].item(), abs=1e-5)
+    assert entropy[0, 2].item() == pytest.approx(-(by_hand.exp() * by_hand).sum().item(), abs=1e-5)
+
+
 def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
     tiny_model_dir, toy_data_dir
 ):

@@ -18,7 +18,12 @@ import pytest
 
 from coderl.errors import UserError
 from coderl.tasks import load_tasks, write_jsonl
-from coderl.toy_tasks import generate_toy_cpp, generate_toy_python
+from coderl.toy_tasks import (
+    generate_toy_cpp,
+    generate_toy_python,
+    toy_cpp_splits,
+    toy_python_splits,
+)
 
 DRIVER = """
 import json, sys
@@ -153,7 +158,7 @@ def test_python_canonical_solutions_pass_and_perturbed_ones_fail(python_tasks):
     assert sum(canonical) == len(tasks)
     assert sum(dropped) == 0  # inputs are chosen so that every step changes some output
     assert len(with_constant) > 0.6 * len(tasks)
-    assert sum(shifted) < 0.1 * len(with_constant)
+    assert sum(shifted) == 0  # and so that every constant matters to within one
 
 
 def test_max_ops_knob_and_impossible_requests():
@@ -168,6 +173,30 @@ def test_max_ops_knob_and_impossible_requests():
         generate_toy_python(100, 60, max_ops=1)
     with pytest.raises(UserError, match="max_ops >= 1"):
         generate_toy_cpp(10, 10, max_ops=0)
+
+
+@pytest.mark.parametrize("make", [toy_python_splits, toy_cpp_splits])
+def test_rl_pool_structures_are_disjoint_from_train_and_test(make):
+    splits = make({"train": 200, "test": 100, "rl": 300})
+    assert {split: len(tasks) for split, tasks in splits.items()} == {
+        "train": 200,
+        "test": 100,
+        "rl": 300,
+    }
+    # Asking for a pool leaves the held-out split exactly as it was.
+    assert splits["test"] == make({"train": 50, "test": 100})["test"]
+    assert splits["rl"][0]["task_id"].split("/")[1:] == ["rl", "0"]
+    multi = {
+        split: {structure(t) for t in tasks if steps(t) > 1} for split, tasks in splits.items()
+    }
+    assert len(multi["rl"]) > 150
+    assert not multi["rl"] & multi["train"]
+    assert not multi["rl"] & multi["test"]
+    assert not multi["train"] & multi["test"]
+    prompts = [t["prompt"] for tasks in splits.values() for t in tasks]
+    assert len(set(prompts)) == len(prompts)
+    with pytest.raises(UserError, match="unknown split"):
+        make({"dev": 3})
 
 
 def test_cpp_task_shape(cpp_tasks):
