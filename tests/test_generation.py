@@ -8,6 +8,7 @@ wants it, through the real ``generate`` path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import pytest
@@ -19,9 +20,14 @@ from coderl.generation import (
     Completion,
     SamplingConfig,
     completion_for_sandbox,
+    decode,
+    end_token_ids,
     extract_code,
+    fast_decoder,
     generate,
+    inverse_cdf_sample,
     render_prompt,
+    row_uniforms,
     sampling_probs,
     truncate_at_stop,
 )
@@ -141,6 +147,59 @@ def test_sampling_probs_temperature_and_top_p():
     sharpened = sampling_probs(logits, 0.5, 1.0)  # p ** 2, renormalised
     squares = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
     assert torch.allclose(sharpened, (squares / squares.sum())[None])
+
+
+def test_inverse_cdf_sample_never_draws_a_zero_probability_token_even_at_the_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    # u -> drawn token per row; u is one below 1 in float64 at the end.
+    for u, expected in ((0.0, [1, 2]), (0.4999, [1, 2]), (0.5, [3, 2]), (1 - 2**-53, [3, 2])):
+        uniforms = torch.full((2,), u, dtype=torch.float64)
+        assert inverse_cdf_sample(probs, uniforms).tolist() == expected, u
+    # Rows that do not sum to 1 (rounding) are scaled by their own total.
+    unnormalised = torch.tensor([[0.2, 0.2, 0.0, 0.2]] * 2)  # thresholds 0.36 and 0.42
+    uniforms = torch.tensor([0.6, 0.7], dtype=torch.float64)
+    assert inverse_cdf_sample(unnormalised, uniforms).tolist() == [1, 3]
+
+
+def test_vectorised_sampler_frequencies_match_sampling_probs():
+    """20,000 draws per row from two different distributions in one batch (one of them with
+    top-p zeros). Each token's frequency f has standard deviation sigma = sqrt(p(1-p)/N) <= 0.0035;
+    |f - p| < 4.5 sigma for every token (a false alarm has probability about 1e-4 over the 16
+    tokens of nonzero probability), and Pearson's chi-square is below its 0.999 quantile for its
+    degrees of freedom. A sampler off by one token, or one ignoring top-p, fails both by far."""
+    logits = torch.tensor(
+        [
+            [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0, 1.5, 0.2],
+            [0.1, 0.0, -0.1, 0.3, 0.2, -0.2, 0.05, -0.05, 0.0, 0.15],
+        ]
+    )
+    probs = torch.cat([sampling_probs(logits[:1], 0.7, 0.95), sampling_probs(logits[1:], 1.3, 1.0)])
+    zero = probs[0] == 0
+    assert zero.sum() == 4 and (probs[1] > 0).all()  # top-p removed 4 of row 0's tokens
+    draws = 20_000
+    uniforms = row_uniforms([11, 12], draws, "cpu")  # (2, draws): row 0's stream, row 1's stream
+    tokens = inverse_cdf_sample(probs.repeat_interleave(draws, 0), uniforms.reshape(-1))
+    counts = torch.stack([torch.bincount(t, minlength=10) for t in tokens.reshape(2, draws)])
+    freq = counts.double() / draws
+    p = probs.double()
+    assert counts[0][zero].sum() == 0
+    sigma = (p * (1 - p) / draws).sqrt()
+    assert ((freq - p).abs() <= 4.5 * sigma).all(), (freq - p).abs().max()
+    chi2_999 = {5: 20.52, 9: 27.88}  # 0.999 quantiles of chi-square with 5 and 9 d.o.f.
+    for row in range(2):
+        nonzero = p[row] > 0
+        expected = p[row][nonzero] * draws
+        chi2 = float(((counts[row][nonzero] - expected) ** 2 / expected).sum())
+        assert chi2 < chi2_999[int(nonzero.sum()) - 1], (row, chi2)
+
+
+def test_row_uniforms_depend_only_on_the_seed():
+    streams = row_uniforms([5, 6, 5], 40, "cpu")
+    assert streams.dtype == torch.float64 and streams.shape == (3, 40)
+    assert torch.equal(streams[0], streams[2]) and not torch.equal(streams[0], streams[1])
+    assert torch.equal(row_uniforms([6], 40, "cpu")[0], streams[1])  # alone or in a batch
+    assert torch.equal(row_uniforms([5], 7, "cpu")[0], streams[0, :7])  # a prefix of a longer one
+    assert 0.0 <= float(streams.min()) and float(streams.max()) < 1.0
 
 
 @pytest.mark.parametrize(
@@ -351,6 +410,71 @@ def test_greedy_results_do_not_depend_on_batch_size(model_and_tokenizer):
     assert reference[0].token_ids == reference[1].token_ids
 
 
+def _hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Plain ``model.generate`` greedy on the left-padded batch, each row cut at its first end id."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    end_ids = end_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=sorted(end_ids),
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    rows = out[:, width:].tolist()
+    return [row[: next((i for i, t in enumerate(row) if t in end_ids), len(row))] for row in rows]
+
+
+def _plain_substring(text: str, start: int, size: int = 3) -> str:
+    """The first ``size`` characters of ``text`` from ``start`` on without a replacement char."""
+    for i in range(start, len(text) - size + 1):
+        if "\ufffd" not in text[i : i + size]:
+            return text[i : i + size]
+    raise AssertionError(f"no plain substring in {text!r}")
+
+
+def test_greedy_equals_hf_generate_token_for_token_and_stops_end_it_in_time(model_and_tokenizer):
+    """Five prompts of five different lengths in one batch: the greedy completions are exactly
+    Hugging Face's greedy ``generate`` on the same left-padded batch. Then with stop strings taken
+    from the middle of those very completions (one per row, at different depths), each row's text
+    is the reference text cut before the earliest stop, and generation runs exactly as many
+    forward passes as the row that meets its stop last needs."""
+    model, tokenizer = model_and_tokenizer
+    tasks = FUNCTION_TASKS
+    prompts = [encode_prompt(tokenizer, t["prompt"]) for t in tasks]
+    assert len({len(p) for p in prompts}) == len(tasks)
+    steps = 24
+    reference = _hf_greedy(model, tokenizer, prompts, steps)
+    cfg = SamplingConfig(max_new_tokens=steps, batch_size=len(tasks), stop=())
+    ours = generate(model, tokenizer, tasks, cfg)
+    assert [c.token_ids for c in ours] == reference
+    assert sum(c.finish_reason == "length" and c.num_tokens == steps for c in ours) >= 3
+
+    texts = [decode(tokenizer, row) for row in reference]
+    stops = tuple(_plain_substring(text, 6 + 4 * r) for r, text in enumerate(texts))
+    needed = [  # tokens each row generates until a stop is complete in its text
+        next(
+            k for k in range(1, steps + 1) if truncate_at_stop(decode(tokenizer, row[:k]), stops)[1]
+        )
+        for row in reference
+    ]
+    assert len(set(needed)) >= 3 and max(needed) < steps
+    cfg = SamplingConfig(max_new_tokens=steps, batch_size=len(tasks), stop=stops)
+    with recorded_inputs(model) as forward_calls:
+        stopped = generate(model, tokenizer, tasks, cfg)
+    assert len(forward_calls) == max(needed)
+    for completion, text in zip(stopped, texts):
+        assert completion.text == truncate_at_stop(text, stops)[0]
+        assert completion.finish_reason == "stop"
+        assert decode(tokenizer, completion.token_ids) == completion.text
+
+
 def test_sampling_is_reproducible_per_seed_and_independent_of_batching(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     tasks = FUNCTION_TASKS[:3]
@@ -368,6 +492,65 @@ def test_sampling_is_reproducible_per_seed_and_independent_of_batching(model_and
     for task_index in range(len(tasks)):
         distinct = {tuple(c.token_ids) for c in first if c.task_index == task_index}
         assert len(distinct) == 3  # the n samples of a task differ from each other
+
+
+def test_a_seeded_row_samples_the_same_tokens_whatever_its_batch(model_and_tokenizer):
+    """Task 0's samples alone, and beside longer and shorter prompts (other padding, other rows),
+    with or without the others' samples: same seeds, same tokens. The first 8 tokens of a
+    16-token run are the 8-token run's."""
+    model, tokenizer = model_and_tokenizer
+
+    def sample(tasks, max_new_tokens=16, batch_size=8):
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=1.0, n=2, batch_size=batch_size, stop=()
+        )
+        return generate(model, tokenizer, tasks, cfg, seed=21)
+
+    alone = sample(FUNCTION_TASKS[:1])
+    crowded = sample(FUNCTION_TASKS[:1] + [STDIO_CPP] + FUNCTION_TASKS[1:])
+    assert [c.token_ids for c in crowded[:2]] == [c.token_ids for c in alone]
+    assert alone[0].token_ids != alone[1].token_ids
+    assert all(c.num_tokens == 16 for c in alone)
+    short = sample(FUNCTION_TASKS[:1], max_new_tokens=8, batch_size=1)
+    assert [c.token_ids for c in short] == [c.token_ids[:8] for c in alone]
+
+
+def test_sampled_tokens_replay_from_the_documented_uniform_stream(model_and_tokenizer):
+    """Token t of a sampled completion is ``inverse_cdf_sample(sampling_probs(logits_t), u_t)``
+    with u the row's ``row_uniforms`` stream from ``derive_seed(seed, task, sample)``: replayed
+    here from one full forward pass over prompt + completion."""
+    from coderl.cli import derive_seed
+
+    model, tokenizer = model_and_tokenizer
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.9, n=2, stop=())
+    completions = generate(model, tokenizer, FUNCTION_TASKS[1:3], cfg, seed=5)
+    for c in completions:
+        assert c.num_tokens == 12
+        prompt = encode_prompt(tokenizer, FUNCTION_TASKS[1 + c.task_index]["prompt"])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+        probs = sampling_probs(logits, cfg.temperature, cfg.top_p)
+        uniforms = row_uniforms([derive_seed(5, c.task_index, c.sample_index)], 12, "cpu")[0]
+        assert inverse_cdf_sample(probs, uniforms).tolist() == c.token_ids
+
+
+def test_fast_decoder_equals_decode(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    fast = fast_decoder(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    specials = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
+    rows = [torch.randint(0, len(tokenizer), (n,), generator=generator).tolist() for n in range(9)]
+    rows += [specials + ids(tokenizer, "é\n#x"), ids(tokenizer, "€")[:1]]
+    for row in rows:
+        assert fast(row) == decode(tokenizer, row), row
+
+    class Lowercasing(type(tokenizer)):  # a tokenizer with its own decode goes through it
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).lower()
+
+    custom = copy.copy(tokenizer)
+    custom.__class__ = Lowercasing
+    assert fast_decoder(custom)(ids(tokenizer, "ABC")) == "abc"
 
 
 def test_logprobs_equal_a_manual_forward_pass(model_and_tokenizer):

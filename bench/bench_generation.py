@@ -1,0 +1,273 @@
+"""Tokens per second of ``coderl.generation.generate``: the current decode path against the old one.
+
+The old path is kept here as the reference (:func:`reference_generate_batch`, the implementation
+before the vectorised sampler): ``model.generate`` in greedy mode with a logits processor that
+calls ``torch.multinomial`` once per row per step with the row's own ``torch.Generator``, and a
+stopping criterion that decodes every row's tail with ``tokenizer.decode`` once per stop string per
+step. The new path is the module as it is: one inverse-CDF draw for the whole batch from per-row
+uniform streams, and one Rust-level decode per live row per step.
+
+Both run in this one process on the same tiny model, the same prompts (``--num_prompts`` toy
+Python function tasks, one generate call of that many rows) and the same seeds, alternating old,
+new, old, new... so that a change in machine load hits both alike. Every row generates exactly
+``--max_new_tokens`` tokens: the end tokens are masked out of the logits by a hook on the output
+head, while the base-mode stop strings stay on (on a random model they rarely match, so the
+criterion pays its full price every step). Two settings: sampling (``--temperature``,
+``--top_p``) and greedy. Greedy outputs of the two paths must be identical, and the run checks
+it. Printed: median tokens per second of each path over ``--repeats`` measured calls after
+``--warmup`` unmeasured ones, and the ratio new / old; the same per CPU second of this process
+(a figure less sensitive to other load on a shared machine).
+
+    OMP_NUM_THREADS=1 python bench/bench_generation.py
+    OMP_NUM_THREADS=1 python bench/bench_generation.py --model /tmp/gen-tiny --repeats 5
+
+The old path can stand in for the new one anywhere, e.g. to time a whole RL step before and
+after (``bench/bench_rl_step.py``)::
+
+    python -c "import sys; sys.path[:0] = ['.', 'bench']; import bench_generation as g, \\
+bench_rl_step as r; g.use_reference_generation(); r.main(sys.argv[1:])" --steps 5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+for path in (BENCH.parent, BENCH):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+import coderl.generation as generation  # noqa: E402
+from coderl.cli import parse_args  # noqa: E402
+from coderl.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+@dataclass
+class BenchOptions:
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Model folder: used as it is when it holds a model, else the tiny model "
+            "(vocab 2048, hidden 128, 4 layers) is built there; empty = a temp folder."
+        },
+    )
+    num_prompts: int = field(default=32, metadata={"help": "Prompts (rows) per generate call."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Exact completion length."})
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampled runs."})
+    top_p: float = field(default=1.0, metadata={"help": "Top-p of the sampled runs."})
+    repeats: int = field(default=3, metadata={"help": "Measured calls per path and setting."})
+    warmup: int = field(default=1, metadata={"help": "Unmeasured calls per path and setting."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both paths)."})
+    output: str = field(default="", metadata={"help": "Write the figures to this JSON file."})
+
+
+# --------------------------------------------------------------------------- the old path
+
+
+def _reference_sampler(seeds: list[int], temperature: float, top_p: float):
+    from transformers import LogitsProcessor
+
+    class PerRowSampler(LogitsProcessor):
+        """The old sampler: one ``torch.multinomial`` per row per step, each with its own
+        generator."""
+
+        def __init__(self):
+            self.generators: list[torch.Generator] | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.generators is None:
+                self.generators = [
+                    torch.Generator(device=scores.device).manual_seed(s) for s in seeds
+                ]
+            probs = generation.sampling_probs(scores, temperature, top_p)
+            chosen = torch.stack(
+                [
+                    torch.multinomial(probs[i], 1, generator=g)[0]
+                    for i, g in enumerate(self.generators)
+                ]
+            )
+            only_chosen = torch.full_like(scores, float("-inf"))
+            only_chosen.scatter_(1, chosen[:, None], 0.0)
+            return only_chosen
+
+    return PerRowSampler()
+
+
+def _reference_stop_criteria(tokenizer, stops_per_row: list[tuple[str, ...]], prompt_width: int):
+    from transformers import StoppingCriteria
+
+    class StopStrings(StoppingCriteria):
+        """The old criterion: every row's tail decoded once per stop string, every step."""
+
+        def __init__(self):
+            longest = max((len(s.encode()) for stops in stops_per_row for s in stops), default=0)
+            self.window = longest + 1
+
+        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+            tails = input_ids[:, prompt_width:][:, -self.window :].tolist()
+            done = [
+                bool(stops) and any(s in generation.decode(tokenizer, tail) for s in stops)
+                for tail, stops in zip(tails, stops_per_row)
+            ]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
+
+
+def reference_generate_batch(
+    model, tokenizer, prompts, seeds, stops, cfg, end_ids, pad_id
+) -> list[tuple[str, list[int], str]]:
+    """``coderl.generation._generate_batch`` as it was before the vectorised sampler."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    input_ids, mask = generation._left_pad(prompts, pad_id, device)
+    processors = LogitsProcessorList()
+    if cfg.temperature > 0:
+        processors.append(_reference_sampler(seeds, cfg.temperature, cfg.top_p))
+    criteria = StoppingCriteriaList()
+    if any(stops):
+        criteria.append(_reference_stop_criteria(tokenizer, stops, input_ids.shape[1]))
+    with generation._plain_generation_config(model, end_ids, pad_id), torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            logits_processor=processors,
+            stopping_criteria=criteria,
+        )
+    generated = sequences[:, input_ids.shape[1] :].tolist()
+    return [
+        generation.finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)
+    ]
+
+
+def use_reference_generation() -> None:
+    """From now on, ``coderl.generation.generate`` decodes with the old path."""
+    generation._generate_batch = reference_generate_batch
+
+
+@contextlib.contextmanager
+def reference_generation():
+    """``coderl.generation.generate`` decodes with the old path inside this block."""
+    current = generation._generate_batch
+    generation._generate_batch = reference_generate_batch
+    try:
+        yield
+    finally:
+        generation._generate_batch = current
+
+
+# --------------------------------------------------------------------------- the race
+
+
+def load_tiny_model(folder: str, workdir: Path):
+    from coderl.models import load_model
+    from coderl.tiny_model import build_tiny_model
+
+    model_dir = Path(folder) if folder else workdir / "tiny"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(model_dir)
+    model, tokenizer = load_model(str(model_dir), dtype="float32")
+    return model.eval(), tokenizer
+
+
+def timed_generate(model, tokenizer, tasks, cfg, seed: int, old: bool):
+    """``(wall seconds, CPU seconds of this process, completions)`` of one generate call."""
+    with reference_generation() if old else contextlib.nullcontext():
+        wall, cpu = time.perf_counter(), time.process_time()
+        completions = generation.generate(model, tokenizer, tasks, cfg, seed=seed)
+        return time.perf_counter() - wall, time.process_time() - cpu, completions
+
+
+def race(model, tokenizer, tasks, cfg, opts: BenchOptions) -> dict:
+    """Alternate old and new calls; median tokens per wall second and per CPU second of each."""
+    wall: dict[str, list[float]] = {"old": [], "new": []}
+    cpu: dict[str, list[float]] = {"old": [], "new": []}
+    outputs: dict[str, list] = {}
+    tokens = len(tasks) * cfg.max_new_tokens
+    for call in range(opts.warmup + opts.repeats):
+        for side in ("old", "new"):
+            elapsed, busy, completions = timed_generate(
+                model, tokenizer, tasks, cfg, opts.seed, old=side == "old"
+            )
+            made = sum(c.num_tokens for c in completions)
+            if made != tokens:
+                raise RuntimeError(f"{side}: {made} tokens, expected every row to run to the end")
+            outputs[side] = completions
+            if call >= opts.warmup:
+                wall[side].append(elapsed)
+                cpu[side].append(busy)
+    result: dict = {"tokens": tokens, "wall_seconds": wall, "cpu_seconds": cpu}
+    for side in ("old", "new"):
+        result[side] = tokens / statistics.median(wall[side])
+        result[f"{side}_per_cpu_second"] = tokens / statistics.median(cpu[side])
+    result["ratio_new_over_old"] = result["new"] / result["old"]
+    result["cpu_ratio_new_over_old"] = result["new_per_cpu_second"] / result["old_per_cpu_second"]
+    result["identical_outputs"] = [c.token_ids for c in outputs["old"]] == [
+        c.token_ids for c in outputs["new"]
+    ]
+    return result
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    from bench_rl_step import suppress_end_tokens, toy_tasks
+
+    (opts,) = parse_args((BenchOptions,), argv, description=__doc__)
+    if opts.repeats < 1 or opts.warmup < 0 or opts.num_prompts < 1 or opts.max_new_tokens < 1:
+        raise UserError("--repeats, --num_prompts and --max_new_tokens must be >= 1, --warmup >= 0")
+    torch.set_num_threads(opts.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load_tiny_model(opts.model, Path(tmp))
+    suppress_end_tokens(model, generation.end_token_ids(model, tokenizer))
+    tasks = toy_tasks(opts.num_prompts, opts.seed)
+    settings = {
+        "sampled": generation.SamplingConfig(
+            max_new_tokens=opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            batch_size=opts.num_prompts,
+        ),
+        "greedy": generation.SamplingConfig(
+            max_new_tokens=opts.max_new_tokens, batch_size=opts.num_prompts
+        ),
+    }
+    summary = {"options": asdict(opts), "torch": torch.__version__, "threads": opts.threads}
+    print(
+        f"{opts.num_prompts} prompts x {opts.max_new_tokens} new tokens, {opts.threads} thread(s)"
+    )
+    print(
+        "| setting | old tokens/s | new tokens/s | new / old | old tokens/CPU-s | "
+        "new tokens/CPU-s | new / old (CPU) |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    for name, cfg in settings.items():
+        result = race(model, tokenizer, tasks, cfg, opts)
+        if name == "greedy" and not result["identical_outputs"]:
+            raise RuntimeError("greedy outputs of the old and new paths differ")
+        summary[name] = result
+        print(
+            f"| {name} | {result['old']:.0f} | {result['new']:.0f} | "
+            f"{result['ratio_new_over_old']:.2f} | {result['old_per_cpu_second']:.0f} | "
+            f"{result['new_per_cpu_second']:.0f} | {result['cpu_ratio_new_over_old']:.2f} |"
+        )
+    if opts.output:
+        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.output).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
