@@ -321,6 +321,15 @@ evaluate_rows() {
   done
 }
 
+# png_current PNG STAMP LABEL: true (and says it skips) when PNG was drawn from inputs with STAMP.
+png_current() {
+  if [ -f "$1" ] && stamp_matches "$(basename "$1")" "$2"; then
+    skip "$3 $1"
+    return 0
+  fi
+  return 1
+}
+
 # chart PNG NAME...: pass@1 and average length of the evaluated checkpoints NAME... side by side
 # (eval_humaneval.py --compare, which also prints a per-task diff of the first two).
 chart() {
@@ -329,10 +338,7 @@ chart() {
   local dirs=()
   for name in "$@"; do dirs+=("$OUT/eval/$name"); done
   stamp=$(fingerprint "${dirs[@]/%//summary.json}")
-  if [ -f "$png" ] && stamp_matches "$(basename "$png")" "$stamp"; then
-    skip "chart $png"
-    return 0
-  fi
+  if png_current "$png" "$stamp" chart; then return 0; fi
   log "chart -> $png"
   "$PYTHON" "$REPO/eval_humaneval.py" --compare "${dirs[@]}" --chart "$png"
   write_stamp "$(basename "$png")" "$stamp"
@@ -345,10 +351,7 @@ curves() {
   local runs=()
   for name in "$@"; do runs+=("$OUT/runs/$name"); done
   stamp=$(fingerprint "${runs[@]/%//metrics.jsonl}")
-  if [ -f "$png" ] && stamp_matches "$(basename "$png")" "$stamp"; then
-    skip "training curves $png"
-    return 0
-  fi
+  if png_current "$png" "$stamp" "training curves"; then return 0; fi
   log "training curves -> $png"
   "$PYTHON" "$REPO/plot_training.py" --runs "${runs[@]}" --output "$png" --title "$title"
   write_stamp "$(basename "$png")" "$stamp"
