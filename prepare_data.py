@@ -74,6 +74,15 @@ class PrepareDataOptions:
         default=3,
         metadata={"help": "Most steps in one toy task (difficulty knob; 1 = single steps)."},
     )
+    toy_flawed_demos: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share in [0, 1] of the toy train demonstrations (Python and C++) whose"
+            " solution drops the task's last step, as noisy scraped data does; their prompt and"
+            ' tests stay the whole task\'s and the row carries "flaw". The RL pool and the test'
+            " split are never flawed. The tiny preset uses 0.5 (see the README)."
+        },
+    )
     splits: str = field(
         default="train,test", metadata={"help": "Comma-separated splits to fetch for hub sources."}
     )
@@ -120,6 +129,8 @@ def check_options(options: PrepareDataOptions) -> None:
             raise UserError(f"--{name} must be >= 0, got {value}")
     if options.toy_max_ops < 1:
         raise UserError(f"--toy_max_ops must be >= 1, got {options.toy_max_ops}")
+    if not 0.0 <= options.toy_flawed_demos <= 1.0:
+        raise UserError(f"--toy_flawed_demos must be in [0, 1], got {options.toy_flawed_demos}")
 
 
 def prepare_humaneval(options: PrepareDataOptions) -> dict[str, list[dict]]:
@@ -134,7 +145,8 @@ def prepare_toy(options: PrepareDataOptions) -> dict[str, list[dict]]:
         counts = {split: getattr(options, f"{name}_{split}") for split in ("train", "test", "rl")}
         if counts["rl"] == 0:
             del counts["rl"]
-        for split, tasks in make(counts, options.toy_max_ops, options.seed).items():
+        splits = make(counts, options.toy_max_ops, options.seed, options.toy_flawed_demos)
+        for split, tasks in splits.items():
             files[f"{name}_{split}"] = tasks
     return files
 
@@ -201,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, tasks in files_of(source, options, hub).items():
             path = out / f"{name}.jsonl"
             write_jsonl(path, tasks)
-            print(f"wrote {path} ({len(tasks)} tasks)")
+            flawed = sum(1 for task in tasks if "flaw" in task)
+            note = f", {flawed} flawed demonstrations" if flawed else ""
+            print(f"wrote {path} ({len(tasks)} tasks{note})")
 
 
 if __name__ == "__main__":

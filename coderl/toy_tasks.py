@@ -23,7 +23,16 @@ may be a test task while ``add 3`` is a train task). No prompt or solution is sh
 
 Every task's test inputs are chosen so that removing any one step, or moving any constant by one,
 changes at least one expected output, and the outputs are not all equal: a solution that skips a
-step, miscopies a constant by one, or returns a constant, fails. A composition where some step can never matter (``abs`` after ``square``) is dropped.
+step, miscopies a constant by one, or returns a constant, fails. A composition where some step can
+never matter (``abs`` after ``square``) is dropped.
+
+Flawed demonstrations (``flawed_share``, off by default): real SFT data is scraped, and some of
+its solutions are wrong in the same way. When asked, that share of the *train* split's rows (chosen
+by a hash of the task, so the same rows for a seed) gets a canonical solution that forgets the
+task's last step, the most common omission of a hurried programmer; the prompt and the tests stay
+those of the whole task, so the sandbox fails exactly these demonstrations, and the row says so in
+``"flaw"``. Imitation learns the omission along with the skill; a reward from the tests can unlearn
+it. The RL pool and the test split never have flawed rows.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ RL_SHARE = 0.5
 MAX_ABS_VALUE = 10**6
 # Test-input draws per spec: a spec that can be tested almost always is within 5 draws.
 INPUT_DRAWS = 8
+# The ``flaw`` field of a flawed demonstration (see the module docstring).
+FLAW = "drops the last step"
 
 
 @dataclass(frozen=True)
@@ -334,31 +345,42 @@ def generate_toy_cpp(
     return splits["train"], splits["test"]
 
 
-def toy_python_splits(counts: dict[str, int], max_ops: int = 3, seed: int = 42) -> dict:
+def toy_python_splits(
+    counts: dict[str, int], max_ops: int = 3, seed: int = 42, flawed_share: float = 0.0
+) -> dict:
     """Python tasks per split (``train``, ``test`` and optionally ``rl``), structures disjoint.
 
     The ``rl`` pool is for reinforcement learning from tests: prompts whose structures neither
     the SFT demonstrations (``train``) nor the held-out tasks (``test``) use. The test split does
     not depend on the other counts; the train split depends on whether a pool is asked for (the
-    pool takes a share of its structures).
+    pool takes a share of its structures). ``flawed_share`` of the train rows get a solution that
+    drops the last step (module docstring); the other splits do not depend on it.
     """
+    _check_share(flawed_share)
     num = _choose_specs(NUM, {s: (n + 1) // 2 for s, n in counts.items()}, max_ops, seed)
     lists = _choose_specs(LIST, {s: n // 2 for s, n in counts.items()}, max_ops, seed)
     return {
         split: [
-            _render_python(spec, inputs, f"toy_python/{split}/{i}")
+            _render_python(
+                spec, inputs, f"toy_python/{split}/{i}", _flawed(spec, split, flawed_share, seed)
+            )
             for i, (spec, inputs) in enumerate(_alternate(num[split], lists[split]))
         ]
         for split in counts
     }
 
 
-def toy_cpp_splits(counts: dict[str, int], max_ops: int = 3, seed: int = 42) -> dict:
+def toy_cpp_splits(
+    counts: dict[str, int], max_ops: int = 3, seed: int = 42, flawed_share: float = 0.0
+) -> dict:
     """C++ stdin/stdout tasks per split, as ``toy_python_splits``."""
+    _check_share(flawed_share)
     chosen = _choose_specs(CPP, counts, max_ops, seed)
     return {
         split: [
-            _render_cpp(spec, inputs, f"toy_cpp/{split}/{i}")
+            _render_cpp(
+                spec, inputs, f"toy_cpp/{split}/{i}", _flawed(spec, split, flawed_share, seed)
+            )
             for i, (spec, inputs) in enumerate(rows)
         ]
         for split, rows in chosen.items()
@@ -373,6 +395,16 @@ def _alternate(first: list, second: list) -> list:
 def _unit(seed: int, salt: str, key) -> float:
     digest = hashlib.sha256(f"{seed}:{salt}{key!r}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _check_share(share: float) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"the share of flawed demonstrations must be in [0, 1], got {share}")
+
+
+def _flawed(spec: Spec, split: str, share: float, seed: int) -> bool:
+    """Whether this task's demonstration drops its last step (train rows only)."""
+    return split == "train" and _unit(seed, "flaw:", spec) < share
 
 
 def split_of(spec: Spec, seed: int, with_rl: bool = False) -> str:
@@ -461,7 +493,8 @@ def _step_lines(spec: Spec, field: str) -> list[str]:
     return [getattr(steps[name], field).format(k=k) for name, k in spec.steps]
 
 
-def _render_python(spec: Spec, inputs: list, task_id: str) -> dict:
+def _render_python(spec: Spec, inputs: list, task_id: str, flawed: bool = False) -> dict:
+    """A function task; ``flawed``: the solution drops the last step (prompt and tests do not)."""
     family = _family(spec)
     final = family.finals[spec.final]
     arg, noun = ("x", "integer") if spec.family == "num" else ("xs", "list of integers")
@@ -469,11 +502,12 @@ def _render_python(spec: Spec, inputs: list, task_id: str) -> dict:
     sentences = [f"Start from the {noun} {arg}.", *_step_lines(spec, "phrase"), final.phrase]
     docstring = "\n    ".join(sentences)
     prompt = f'def {name}({arg}):\n    """{docstring}\n    """\n'
-    body = [*_step_lines(spec, "code"), final.code]
+    solved = spec.without_step(len(spec.steps) - 1) if flawed else spec
+    body = [*_step_lines(solved, "code"), final.code]
     asserts = [
         f"    assert candidate({value!r}) == {family.run(spec, value)!r}" for value in inputs
     ]
-    return {
+    task = {
         "task_id": task_id,
         "prompt": prompt,
         "entry_point": name,
@@ -481,6 +515,7 @@ def _render_python(spec: Spec, inputs: list, task_id: str) -> dict:
         "test": "def check(candidate):\n" + "\n".join(asserts) + "\n",
         "language": "python",
     }
+    return {**task, "flaw": FLAW} if flawed else task
 
 
 CPP_TEMPLATE = """#include <algorithm>
@@ -498,8 +533,10 @@ int main() {{
 """
 
 
-def _render_cpp(spec: Spec, inputs: list[list[int]], task_id: str) -> dict:
+def _render_cpp(spec: Spec, inputs: list[list[int]], task_id: str, flawed: bool = False) -> dict:
+    """A stdin/stdout task; ``flawed`` as in ``_render_python``."""
     final = CPP_FINALS[spec.final]
+    solved = spec.without_step(len(spec.steps) - 1) if flawed else spec
     statement = "\n".join(
         [
             "Read an integer n and then n integers.",
@@ -508,7 +545,7 @@ def _render_cpp(spec: Spec, inputs: list[list[int]], task_id: str) -> dict:
             final.phrase,
         ]
     )
-    body = "".join(f"        {line}\n" for line in [*_step_lines(spec, "code"), final.code])
+    body = "".join(f"        {line}\n" for line in [*_step_lines(solved, "code"), final.code])
     after = "" if spec.final == "each" else "    cout << s << endl;\n"
     tests = [
         {
@@ -517,13 +554,14 @@ def _render_cpp(spec: Spec, inputs: list[list[int]], task_id: str) -> dict:
         }
         for values in inputs
     ]
-    return {
+    task = {
         "task_id": task_id,
         "prompt": statement + "\n",
         "language": "cpp",
         "tests": tests,
         "canonical_solution": CPP_TEMPLATE.format(body=body, after=after),
     }
+    return {**task, "flaw": FLAW} if flawed else task
 
 
 def _cpp_output(spec: Spec, values: list[int]) -> str:

@@ -136,11 +136,15 @@ setup_preset() {
   mkdir -p "$OUT"
 }
 
-# prepare_preset_data: the task files of setup_preset.
+# prepare_preset_data: the task files of setup_preset. Tiny: toy Python tasks of one or two
+# steps; 1000 demonstrations, half of them flawed (each forgets its task's last step, as noisy
+# scraped data does; see the README's "Tiny preset"), an RL pool of 600 prompts with tests, and
+# 300 held-out tasks, never flawed.
 prepare_preset_data() {
   if [ "$PRESET" = tiny ]; then
     prepare_data "$DATA" toy_python_train.jsonl toy_python_rl.jsonl toy_python_test.jsonl \
-      -- --source toy
+      -- --source toy --toy_max_ops 2 --toy_python_train 1000 --toy_python_rl 600 \
+      --toy_python_test 300 --toy_flawed_demos 0.5
   else
     prepare_data "$DATA" humaneval_train.jsonl humaneval_test.jsonl -- --source humaneval
   fi

@@ -108,6 +108,7 @@ def test_help_documents_every_option():
         (["--source", " , "], "--source is empty"),
         (["--toy_python_test", "-1"], "--toy_python_test must be >= 0, got -1"),
         (["--toy_max_ops", "0"], "--toy_max_ops must be >= 1, got 0"),
+        (["--toy_flawed_demos", "1.5"], "--toy_flawed_demos must be in [0, 1], got 1.5"),
         (["--humaneval_test_size", "0"], "HumanEval test size must be between 1 and 163, got 0"),
         (
             ["--source", "code_contests", "--languages", "java"],
@@ -135,6 +136,21 @@ def test_options_are_parsed_and_toy_sizes_follow_them(tmp_path, capsys):
     assert not (tmp_path / "toy_cpp_rl.jsonl").exists()  # 0 = no pool
     solutions = [t["canonical_solution"] for t in load_tasks(tmp_path / "toy_python_train.jsonl")]
     assert max(solution.count("\n") for solution in solutions) == 3  # 2 steps + return
+
+
+def test_flawed_demonstrations_are_counted_and_marked(tmp_path, capsys):
+    prepare_data.main(
+        ["--output_dir", str(tmp_path), "--source", "toy", "--toy_flawed_demos", "0.5", *SMALL_TOY]
+    )
+    out = capsys.readouterr().out
+    train = load_tasks(tmp_path / "toy_python_train.jsonl")
+    flawed = sum(1 for task in train if task.get("flaw") == "drops the last step")
+    assert 10 < flawed < 30
+    assert f"(40 tasks, {flawed} flawed demonstrations)" in out
+    for name in ("toy_python_test", "toy_python_rl", "toy_cpp_test"):
+        tasks = load_tasks(tmp_path / f"{name}.jsonl")
+        assert not any("flaw" in task for task in tasks)
+        assert f"{name}.jsonl ({len(tasks)} tasks)\n" in out
 
 
 def test_hub_sources_write_one_file_per_split_and_report_skips(tmp_path, capsys, monkeypatch):

@@ -256,3 +256,43 @@ def test_cpp_solution_missing_a_step_fails_its_tests(cpp_tasks, tmp_path):
     first_step = next(i for i, line in enumerate(lines) if line.startswith("        x = "))
     (binary,) = compile_cpp(["".join(lines[:first_step] + lines[first_step + 1 :])], tmp_path)
     assert run_cpp(binary, task["tests"]) != [t["output"] for t in task["tests"]]
+
+
+def test_flawed_demonstrations_drop_the_last_step_and_fail_their_own_tests():
+    counts = {"train": 200, "test": 60, "rl": 80}
+    clean = toy_python_splits(counts, seed=7)
+    flawed = toy_python_splits(counts, seed=7, flawed_share=0.5)
+    # Only train rows change; the RL pool and the held-out tasks are the same files.
+    assert flawed["test"] == clean["test"] and flawed["rl"] == clean["rl"]
+    changed = [(a, b) for a, b in zip(flawed["train"], clean["train"]) if a != b]
+    marked = [task for task in flawed["train"] if task.get("flaw") == "drops the last step"]
+    assert len(changed) == len(marked)
+    assert 0.4 * 200 < len(marked) < 0.6 * 200  # chosen by hash: about the share asked for
+    for bad, good in changed:
+        assert {k: v for k, v in bad.items() if k not in ("flaw", "canonical_solution")} == {
+            k: v for k, v in good.items() if k != "canonical_solution"
+        }
+        lines = good["canonical_solution"].splitlines(keepends=True)
+        assert bad["canonical_solution"] == "".join(lines[:-2] + lines[-1:])
+    # The sandbox-independent runner fails exactly the flawed demonstrations.
+    results = passes([(task, task["canonical_solution"]) for task in flawed["train"]])
+    assert [not ok for ok in results] == ["flaw" in task for task in flawed["train"]]
+    # The same rows for a seed; another share keeps the choice nested (a hash threshold).
+    assert toy_python_splits(counts, seed=7, flawed_share=0.5) == flawed
+    fewer = toy_python_splits(counts, seed=7, flawed_share=0.2)["train"]
+    fewer_ids = {task["task_id"] for task in fewer if "flaw" in task}
+    assert 0 < len(fewer_ids) < len(marked)
+    assert fewer_ids <= {task["task_id"] for task in marked}
+    assert not any("flaw" in task for task in toy_python_splits(counts, seed=7)["train"])
+    with pytest.raises(UserError, match=r"flawed demonstrations must be in \[0, 1\], got 1.5"):
+        toy_python_splits(counts, flawed_share=1.5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_flawed_cpp_demonstration_compiles_and_fails(tmp_path):
+    splits = toy_cpp_splits({"train": 40, "test": 10}, seed=3, flawed_share=1.0)
+    assert all(task["flaw"] == "drops the last step" for task in splits["train"])
+    assert not any("flaw" in task for task in splits["test"])
+    task = splits["train"][0]
+    (binary,) = compile_cpp([task["canonical_solution"]], tmp_path)
+    assert run_cpp(binary, task["tests"]) != [t["output"] for t in task["tests"]]
