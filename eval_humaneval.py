@@ -405,6 +405,16 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         bar.update(len({s["task_id"] for s in pending[1]}))
     bar.close()
     order = {t["task_id"]: i for i, t in enumerate(tasks)}
+    # A folder finished with a larger --limit holds more tasks: they stay in the files, but the
+    # summary counts the tasks asked for, no more.
+    outside = {r["task_id"] for r in results if r["task_id"] not in order}
+    if outside:
+        print(
+            f"{out}: {len(outside)} finished tasks outside --limit stay in results.jsonl and are"
+            " left out of this summary",
+            file=sys.stderr,
+        )
+        results = [r for r in results if r["task_id"] in order]
     results.sort(key=lambda r: (order[r["task_id"]], r["completion_id"]))
     summary = write_summary(out, results, settings, ks)
     report(summary, model_name, settings["method"], table_path(args))

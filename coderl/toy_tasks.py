@@ -26,13 +26,13 @@ changes at least one expected output, and the outputs are not all equal: a solut
 step, miscopies a constant by one, or returns a constant, fails. A composition where some step can
 never matter (``abs`` after ``square``) is dropped.
 
-Flawed demonstrations (``flawed_share``, off by default): real SFT data is scraped, and some of
-its solutions are wrong in the same way. When asked, that share of the *train* split's rows (chosen
-by a hash of the task, so the same rows for a seed) gets a canonical solution that forgets the
-task's last step, the most common omission of a hurried programmer; the prompt and the tests stay
-those of the whole task, so the sandbox fails exactly these demonstrations, and the row says so in
-``"flaw"``. Imitation learns the omission along with the skill; a reward from the tests can unlearn
-it. The RL pool and the test split never have flawed rows.
+Flawed demonstrations (``flawed_share``, off by default): scraped SFT data holds solutions that are
+wrong in one consistent way. When asked, that share of the *train* split's rows (chosen by a hash
+of the task, so the same rows for a seed) gets a canonical solution that forgets the task's last
+step; the prompt and the tests stay those of the whole task, so running the canonical solutions
+fails exactly these demonstrations, and the row says so in ``"flaw"``. Imitation learns the
+omission along with the skill; a reward from the tests can unlearn it. The RL pool and the test
+split never have flawed rows.
 """
 
 from __future__ import annotations

@@ -212,6 +212,16 @@ def test_killed_run_resumes_and_other_settings_are_refused(tmp_path, tiny_model_
     assert samples[0]["completion"] == marker
     assert [s["completion"] for s in samples[1:4]] == [s["completion"] for s in full[1:4]]
     assert json.loads((out / "summary.json").read_text())["num_tasks"] == 6
+    # A smaller --limit on the finished folder: the summary counts the first 2 tasks, the files
+    # keep all 6, nothing is generated again.
+    results = read_rows(out / "results.jsonl")
+    proc = run_eval(*common, "--limit", "2")
+    assert "4 finished tasks outside --limit" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["num_tasks"], summary["num_samples"]) == (2, 2)
+    assert summary["passed_tasks"] == sum(r["passed"] for r in results[:2])
+    assert read_rows(out / "results.jsonl") == results
+    assert read_rows(out / "samples.jsonl") == samples
     proc = run_eval(*common[:-2], "--batch_size", "2", "--max_new_tokens", "8", check=False)
     assert proc.returncode == 2 and "other settings (max_new_tokens)" in proc.stderr
     run_eval(*common[:-4], "--max_new_tokens", "8", "--batch_size", "2", "--overwrite")
