@@ -1,7 +1,9 @@
 """Supervised fine-tuning (SFT) of a causal LM with a LoRA / QLoRA / TinyLoRA adapter.
 
-The loss is the causal-LM cross-entropy on ``prompt + canonical_solution + EOS`` with the prompt
-tokens masked: only the solution and the EOS token are learned. The prompt is tokenized exactly
+The loss is the causal-LM cross-entropy on ``prompt + canonical_solution + end token`` with the
+prompt tokens masked: only the solution and the end token are learned. The end token is the one
+that ends an answer at inference: EOS in base mode, the chat template's end-of-turn (e.g.
+``<|im_end|>``) in instruct mode (``coderl.models.completion_end_id``). The prompt is tokenized exactly
 as generation tokenizes it (``coderl.models.encode_prompt_and_completion``) and the solution
 separately; the two id lists are concatenated, never re-tokenized together, so the boundary
 token is the one the model sees at inference. The output is a PEFT adapter (step-numbered
@@ -15,7 +17,7 @@ What is learned, per task kind and ``--prompt_mode``:
 * stdin/stdout task (C++ or Python), base: the statement rendered as a comment header by
   ``coderl.generation.render_prompt`` (exactly the inference prompt) -> the canonical program;
 * instruct mode: the chat-template prompt of ``render_prompt`` -> the code in one fenced block
-  (the whole function for function tasks, the program for stdin tasks), then EOS.
+  (the whole function for function tasks, the program for stdin tasks), then the end-of-turn.
 
 Loss normalisation: per token over the optimizer step. The summed token losses of every
 micro-batch of one step (all ``gradient_accumulation_steps`` micro-batches on all processes) are
@@ -43,7 +45,7 @@ Departures from the seed:
 * the loss is per token over the optimizer step (see above), not a mean of micro-batch means;
 * prompt and solution are tokenized separately and their ids concatenated (the seed tokenized the
   joined string and masked by the prompt's token count, which can misplace the boundary token);
-* an EOS token ends every target, so the model learns to stop;
+* an end token ends every target, so the model learns to stop;
 * the seed does not state its schedule; the default here is linear decay after warm-up (the
   Hugging Face Trainer's default), ``--lr_scheduler constant|cosine`` otherwise;
 * examples longer than ``--max_length`` are dropped (or truncated, ``--overlong truncate``) and
@@ -167,7 +169,7 @@ class SFTDataArgs:
     )
     max_length: int = field(
         default=1024,
-        metadata={"help": "Longest example in tokens (prompt + solution + EOS)."},
+        metadata={"help": "Longest example in tokens (prompt + solution + end token)."},
     )
     overlong: str = field(
         default="drop",
@@ -204,7 +206,7 @@ def check_options(train_args: SFTTrainArgs, data_args: SFTDataArgs) -> None:
 
 @dataclass(frozen=True)
 class Example:
-    """One training sequence: prompt ids (masked) and target ids (learned, EOS last)."""
+    """One training sequence: prompt ids (masked) and target ids (learned, end token last)."""
 
     task_id: str
     prompt_ids: tuple[int, ...]
@@ -233,13 +235,16 @@ def target_text(task: dict, prompt_mode: str) -> str:
 
 
 def encode_example(task: dict, tokenizer, prompt_mode: str) -> Example:
-    """Prompt ids exactly as generation encodes them, the target tokenized on its own, EOS last."""
+    """Prompt ids exactly as generation encodes them, the target tokenized on its own, then the
+    token that ends an answer at inference (the chat template's end-of-turn in instruct mode, such
+    as ``<|im_end|>``, else EOS)."""
     from coderl.generation import render_prompt
-    from coderl.models import encode_prompt_and_completion
+    from coderl.models import completion_end_id, encode_prompt_and_completion
 
     prompt = render_prompt(task, tokenizer, prompt_mode)
+    end_id = completion_end_id(tokenizer, prompt_mode)
     ids, prompt_len = encode_prompt_and_completion(
-        tokenizer, prompt, target_text(task, prompt_mode), add_eos=True
+        tokenizer, prompt, target_text(task, prompt_mode), end_id=end_id
     )
     return Example(task["task_id"], tuple(ids[:prompt_len]), tuple(ids[prompt_len:]))
 

@@ -124,7 +124,7 @@ def pretraining_examples(tok, tasks: list[dict], rng: random.Random) -> list[tup
     for task in tasks:
         other = rng.choice(tasks)
         target = task["canonical_solution"] + "\n\n" + other["prompt"] + other["canonical_solution"]
-        examples.append(encode_prompt_and_completion(tok, task["prompt"], target, add_eos=False))
+        examples.append(encode_prompt_and_completion(tok, task["prompt"], target))
     return examples
 
 

@@ -13,22 +13,23 @@ Stops. Function tasks in base mode stop at the first of :data:`BASE_STOP_SEQUENC
 completion (the start of the next top-level statement: ``"\\ndef "``, ``"\\nclass "``, ``"\\nif "``,
 ``"\\nprint("``, ``"\\n#"``, or a closing ``"\\n```"``); the text is cut just before it. stdio tasks
 (a program has top-level defs of its own) and instruct mode stop at EOS only.
-``SamplingConfig.stop`` given explicitly replaces these defaults for every task. EOS (the
-tokenizer's and every id in the model's generation config, e.g. ``<|im_end|>``) always ends a
-completion and is not part of it. A :class:`~transformers.StoppingCriteria` ends each finished row
+``SamplingConfig.stop`` given explicitly replaces these defaults for every task. An end token (the
+tokenizer's EOS, every id in the model's generation config, and the chat template's end-of-turn,
+e.g. ``<|im_end|>``) always ends a completion; it is not part of the text, and
+``Completion.end_id`` records which one it was, so that training credits the token sampled. A :class:`~transformers.StoppingCriteria` ends each finished row
 early; ``truncated`` means the completion hit ``max_new_tokens`` with no EOS and no stop.
 
-Token ids. ``Completion.token_ids`` are the sampled ids of the kept text: every sampled token that
-lies wholly inside the kept text, plus, when a stop string begins inside a token, the kept part of
-that token re-encoded on its own (``tokenizer.encode(tail, add_special_tokens=False)``). So
-``tokenizer.decode(token_ids) == text`` for byte-level BPE tokenizers, and ``num_tokens ==
-len(token_ids)``. The prompt ids are :func:`coderl.models.encode_prompt`, the same function
+Token ids. ``Completion.token_ids`` is always a prefix of the ids the row sampled
+(``Completion.sampled_ids``), never a re-encoding: the shortest prefix whose decoding covers the
+kept text. When a stop string begins inside a token, that token is kept whole, so
+``decode(token_ids)`` starts with ``text`` and may run a few characters past it (into the stop
+string); otherwise the two are equal. ``num_tokens == len(token_ids)``. The prompt ids are :func:`coderl.models.encode_prompt`, the same function
 training uses.
 
 Log-probs (``return_logprobs=True``): per kept token, ``log_softmax`` of the model's raw logits
 (temperature 1, no top-p, full vocabulary), computed by one extra batched forward pass over prompt +
-kept ids after generation, with dropout off. They are aligned with ``token_ids`` exactly, including
-re-encoded tails; EOS is not included.
+kept ids after generation, with dropout off. They are aligned with ``token_ids`` exactly; the end
+token is not included.
 
 Sampling. Greedy when ``temperature == 0``. Otherwise each completion owns a stream of uniform
 numbers in [0, 1): ``torch.rand(max_new_tokens, dtype=float64)`` from a CPU ``torch.Generator``
@@ -65,7 +66,7 @@ import torch
 
 from coderl.cli import derive_seed
 from coderl.errors import UserError
-from coderl.models import encode_prompt, eval_mode, unwrap_model
+from coderl.models import chat_end_of_turn_id, encode_prompt, eval_mode, unwrap_model
 
 BASE_STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n```")
 PROMPT_MODES = ("base", "instruct")
@@ -100,7 +101,12 @@ class SamplingConfig:
 
 @dataclass
 class Completion:
-    """One generated completion; ``token_ids`` / ``logprobs`` describe exactly ``text``."""
+    """One generated completion; ``token_ids`` / ``logprobs`` are the sampled ids of ``text``.
+
+    ``token_ids`` is a prefix of ``sampled_ids`` (everything the row drew, its end token
+    included); ``end_id`` is the end token that finished the row (None unless
+    ``finish_reason == "eos"``).
+    """
 
     task_index: int
     sample_index: int
@@ -110,6 +116,8 @@ class Completion:
     truncated: bool
     logprobs: list[float] | None
     finish_reason: str = "length"  # "eos", "stop" or "length"
+    end_id: int | None = None
+    sampled_ids: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,8 +253,12 @@ def _check_config(cfg: SamplingConfig) -> None:
 
 
 def end_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model generation config's."""
+    """Every id that ends a completion: the tokenizer's EOS, the model generation config's and the
+    chat template's end-of-turn (a chat model ends its answer with it, even in base mode)."""
     ids = set()
+    end_of_turn = chat_end_of_turn_id(tokenizer)
+    if end_of_turn is not None:
+        ids.add(end_of_turn)
     configured = getattr(unwrap_model(model).generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
@@ -418,37 +430,52 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _ids_for_text_prefix(tokenizer, ids: list[int], kept: str) -> list[int]:
-    """Ids whose decoding is ``kept``, a prefix of ``decode(ids)``: the sampled tokens wholly
-    inside it, plus the rest of ``kept`` (part of a token cut by a stop string) re-encoded."""
+def sampled_prefix_covering(tokenizer, ids: list[int], kept: str) -> list[int]:
+    """The shortest prefix of the sampled ``ids`` whose decoding starts with ``kept``.
+
+    ``kept`` is a prefix of ``decode(ids)`` (the text before a stop string). A token that straddles
+    the cut is kept whole: the policy sampled that token, not a re-encoding of its first half, so
+    the ids trained on stay exactly a prefix of the ids sampled.
+    """
     lo, hi = 0, len(ids)
-    while lo < hi:  # largest k whose decoded length fits in kept
-        mid = (lo + hi + 1) // 2
-        if len(decode(tokenizer, ids[:mid])) <= len(kept):
-            lo = mid
+    while lo < hi:  # smallest k whose decoding is at least as long as kept
+        mid = (lo + hi) // 2
+        if len(decode(tokenizer, ids[:mid])) >= len(kept):
+            hi = mid
         else:
-            hi = mid - 1
-    k = lo
-    while k > 0 and not kept.startswith(decode(tokenizer, ids[:k])):
-        k -= 1
-    tail = kept[len(decode(tokenizer, ids[:k])) :]
-    return ids[:k] + (tokenizer.encode(tail, add_special_tokens=False) if tail else [])
+            lo = mid + 1
+    for k in range(lo, len(ids) + 1):  # a partial multi-byte character decodes to U+FFFD
+        if decode(tokenizer, ids[:k]).startswith(kept):
+            return ids[:k]
+    return list(ids)
+
+
+@dataclass
+class FinishedRow:
+    """One row of generated ids, cut where it ended (see the module docstring)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    end_id: int | None
+    sampled_ids: list[int]
 
 
 def finish_completion(
     tokenizer, generated: list[int], end_ids: set[int], stops: Sequence[str]
-) -> tuple[str, list[int], str]:
-    """``(text, token_ids, finish_reason)`` for one row of generated ids (see module docstring)."""
-    reason = "length"
+) -> FinishedRow:
+    """Cut one row of generated ids at its end token or first stop string."""
+    reason, end_id, sampled = "length", None, list(generated)
     for i, token in enumerate(generated):
         if token in end_ids:
-            generated, reason = generated[:i], "eos"
+            generated, reason, end_id, sampled = generated[:i], "eos", token, sampled[: i + 1]
             break
     text = decode(tokenizer, generated)
     kept, stopped = truncate_at_stop(text, stops)
     if stopped:
-        return kept, _ids_for_text_prefix(tokenizer, generated, kept), "stop"
-    return text, generated, reason
+        ids = sampled_prefix_covering(tokenizer, generated, kept)
+        return FinishedRow(kept, ids, "stop", None, sampled)
+    return FinishedRow(text, generated, reason, end_id, sampled)
 
 
 def _generate_batch(
@@ -460,7 +487,7 @@ def _generate_batch(
     cfg: SamplingConfig,
     end_ids: set[int],
     pad_id: int,
-) -> list[tuple[str, list[int], str]]:
+) -> list[FinishedRow]:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -558,7 +585,7 @@ def generate(
         ]
     # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
     order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
-    finished: dict[int, tuple[str, list[int], str, list[float] | None]] = {}
+    finished: dict[int, tuple[FinishedRow, list[float] | None]] = {}
     with eval_mode(model), tqdm(total=len(items), desc="generate", disable=not progress) as bar:
         for start in range(0, len(order), cfg.batch_size):
             batch = [items[i] for i in order[start : start + cfg.batch_size]]
@@ -574,14 +601,12 @@ def generate(
                 pad_id,
             )
             logprobs = (
-                completion_logprobs(model, prompts, [ids for _, ids, _ in outputs], pad_id)
+                completion_logprobs(model, prompts, [row.token_ids for row in outputs], pad_id)
                 if return_logprobs
                 else [None] * len(batch)
             )
-            for index, (text, ids, reason), lp in zip(
-                order[start : start + cfg.batch_size], outputs, logprobs
-            ):
-                finished[index] = (text, ids, reason, lp)
+            for index, row, lp in zip(order[start : start + cfg.batch_size], outputs, logprobs):
+                finished[index] = (row, lp)
             bar.update(len(batch))
     return _assemble(items, finished, cfg.n)
 
@@ -595,17 +620,19 @@ def _assemble(items: list[_WorkItem], finished: dict, n: int) -> list[Completion
         indices = by_task[task_index]
         for sample_index in range(n):
             # Greedy runs generate one item per task; every sample is a copy of it.
-            text, ids, reason, logprobs = finished[indices[min(sample_index, len(indices) - 1)]]
+            row, logprobs = finished[indices[min(sample_index, len(indices) - 1)]]
             completions.append(
                 Completion(
                     task_index=task_index,
                     sample_index=sample_index,
-                    text=text,
-                    token_ids=list(ids),
-                    num_tokens=len(ids),
-                    truncated=reason == "length",
+                    text=row.text,
+                    token_ids=list(row.token_ids),
+                    num_tokens=len(row.token_ids),
+                    truncated=row.finish_reason == "length",
                     logprobs=list(logprobs) if logprobs is not None else None,
-                    finish_reason=reason,
+                    finish_reason=row.finish_reason,
+                    end_id=row.end_id,
+                    sampled_ids=list(row.sampled_ids),
                 )
             )
     return completions

@@ -216,8 +216,28 @@ def _load_base_model(source: str, quantization: str, dtype: str):
         raise UserError(f"cannot load model weights of {source!r}: {_first_line(err)}") from None
     if bnb_config is None:
         model.to(device)
+    if quantization == "4bit" and device.type == "cpu":
+        keep_4bit_layers_differentiable(model)
     model.eval()
     return model
+
+
+def keep_4bit_layers_differentiable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` forward in eval mode without gradients (generation,
+    validation) repacks its weight in place for a faster kernel that has no backward. Every later
+    training forward then goes through that kernel: the adapters inside the layer still get
+    gradients, but nothing flows back through the quantized matmul to earlier layers, so the
+    adapters below the last layer stop learning after the first rollout. Returns the number of
+    layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def load_model(
@@ -654,24 +674,65 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
-    """Completion ids, tokenized on their own (no BOS), with EOS appended when ``add_eos``."""
+_TURN_MARK = "\x00turn-end-probe\x00"
+
+
+def chat_end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template puts right after an assistant message, if any.
+
+    ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3, ``<end_of_turn>`` for Gemma: the token a
+    chat model emits to end its answer, often not the tokenizer's EOS. Found by rendering a
+    conversation whose answer is a marker and reading the token after it; None when the template
+    has none or puts plain text there.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that refuses this shape (e.g. demands a system turn)
+        return None
+    _, found, after = text.partition(_TURN_MARK)
+    ids = tokenizer.encode(after, add_special_tokens=False) if found else []
+    if ids and _is_special_token(tokenizer, ids[0]):
+        return ids[0]
+    return None
+
+
+def _is_special_token(tokenizer, token_id: int) -> bool:
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
+def completion_end_id(tokenizer, prompt_mode: str) -> int | None:
+    """The token that ends a finished answer: the chat template's end-of-turn in instruct mode
+    (what the model emits at inference), else EOS."""
+    if prompt_mode == "instruct":
+        end = chat_end_of_turn_id(tokenizer)
+        if end is not None:
+            return end
+    return tokenizer.eos_token_id
+
+
+def encode_completion(tokenizer, completion: str, end_id: int | None = None) -> list[int]:
+    """Completion ids, tokenized on their own (no BOS), with ``end_id`` appended when given."""
     ids = tokenizer.encode(completion, add_special_tokens=False)
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+    if end_id is not None:
+        ids.append(end_id)
     return ids
 
 
 def encode_prompt_and_completion(
-    tokenizer, prompt: str, completion: str, add_eos: bool = True
+    tokenizer, prompt: str, completion: str, end_id: int | None = None
 ) -> tuple[list[int], int]:
     """``(input_ids, prompt_len)``: prompt and completion tokenized SEPARATELY, ids concatenated.
 
     ``input_ids[:prompt_len]`` equals :func:`encode_prompt` (what generation feeds the model), so a
-    loss mask of the first ``prompt_len`` labels masks exactly the prompt.
+    loss mask of the first ``prompt_len`` labels masks exactly the prompt. ``end_id`` (see
+    :func:`completion_end_id`) ends the completion.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    return prompt_ids + encode_completion(tokenizer, completion, add_eos=add_eos), len(prompt_ids)
+    return prompt_ids + encode_completion(tokenizer, completion, end_id=end_id), len(prompt_ids)
 
 
 @contextlib.contextmanager

@@ -450,12 +450,15 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
     return list(encode_prompt(tokenizer, prompt))
 
 
-def action_ids(completion, tokenizer) -> list[int]:
-    """The sampled tokens the policy is credited with: the kept ids, plus EOS when the sample
-    ended by emitting it (stopping is an action too; SFT targets end with EOS the same way)."""
+def action_ids(completion) -> list[int]:
+    """The sampled tokens the policy is credited with: the kept ids, plus the end token when the
+    sample ended by emitting one (stopping is an action too), the very id it sampled: a chat
+    model's ``<|im_end|>`` is not its EOS. Always a prefix of the ids the row sampled."""
     ids = list(completion.token_ids)
-    if completion.finish_reason == "eos" and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+    if completion.end_id is not None:
+        ids.append(completion.end_id)
+    if ids != list(completion.sampled_ids[: len(ids)]):
+        raise RuntimeError("internal error: the ids to train on are not the ids sampled")
     return ids
 
 
@@ -495,7 +498,7 @@ def collect_rollouts(
                         sample_index=c.sample_index,
                         task=task,
                         prompt_ids=prompt_token_ids(tokenizer, prompt),
-                        completion_ids=action_ids(c, tokenizer),
+                        completion_ids=action_ids(c),
                         text=c.text,
                         code=code,
                         num_tokens=c.num_tokens,

@@ -1,14 +1,14 @@
 """Generation: prompts, stops, batching, seeds, log-probs and code extraction, on the tiny model.
 
-Several tests script the model: a forward hook on the output head forces the next token to follow
-a given id sequence, so a stop string, an EOS or a fenced answer appears exactly where the test
-wants it, through the real ``generate`` path.
+Several tests script the model (``tests.helpers.scripted``): the next token follows a given id
+sequence, so a stop string, an end token or a fenced answer appears exactly where the test wants it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -32,6 +32,7 @@ from coderl.generation import (
     truncate_at_stop,
 )
 from coderl.models import encode_prompt, encode_prompt_and_completion, load_model
+from tests.helpers import scripted
 
 FUNCTION_TASKS = [
     {
@@ -62,25 +63,6 @@ STDIO_PY = {**STDIO_CPP, "task_id": "s/1", "language": "python"}
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
     return load_model(tiny_model_dir)
-
-
-@contextlib.contextmanager
-def scripted(model, script: list[int]):
-    """Make every row's next token follow ``script`` (repeating its last id); yields the call count."""
-    calls = {"n": 0}
-
-    def force_next_token(module, inputs, output):
-        token = script[min(calls["n"], len(script) - 1)]
-        forced = torch.full_like(output, -1e4)
-        forced[..., token] = 1e4
-        calls["n"] += 1
-        return forced
-
-    handle = model.lm_head.register_forward_hook(force_next_token)
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -308,16 +290,22 @@ def test_base_function_completion_stops_early_at_the_next_top_level_def(model_an
     assert completion.text == "    return a + b\n"
     assert completion.finish_reason == "stop" and not completion.truncated
     assert calls["n"] == needed < 40  # the StoppingCriteria ended generation at once
-    assert tokenizer.decode(completion.token_ids) == completion.text
+    assert tokenizer.decode(completion.token_ids).startswith(completion.text)
     assert completion.num_tokens == len(completion.token_ids)
-    assert completion.token_ids == script[: completion.num_tokens]
+    assert (
+        completion.token_ids
+        == script[: completion.num_tokens]
+        == completion.sampled_ids[: completion.num_tokens]
+    )
     assert (
         completion_for_sandbox(FUNCTION_TASKS[0], "", completion.text, "base")
         == "    return a + b\n"
     )
 
 
-def test_stop_inside_a_token_keeps_sampled_ids_and_re_encodes_the_tail(model_and_tokenizer):
+def test_stop_inside_a_token_keeps_that_sampled_token_whole(model_and_tokenizer):
+    """The text is cut at the stop, the ids are not: re-encoding the kept half (" re") would train
+    a token the policy never sampled."""
     model, tokenizer = model_and_tokenizer
     script = ids(tokenizer, "    return value\n")
     pieces = tokenizer.convert_ids_to_tokens(script)
@@ -327,11 +315,28 @@ def test_stop_inside_a_token_keeps_sampled_ids_and_re_encodes_the_tail(model_and
             model, tokenizer, [FUNCTION_TASKS[1]], SamplingConfig(max_new_tokens=20, stop=("turn",))
         )
     assert completion.text == "    re"
-    assert completion.finish_reason == "stop"
+    assert completion.finish_reason == "stop" and completion.end_id is None
     whole = pieces.index("Ġreturn")
-    assert completion.token_ids[:whole] == script[:whole]
-    assert completion.token_ids[whole:] == ids(tokenizer, " re")
-    assert tokenizer.decode(completion.token_ids) == "    re"
+    assert completion.token_ids == script[: whole + 1] == completion.sampled_ids[: whole + 1]
+    assert tokenizer.decode(completion.token_ids) == "    return"
+
+
+def test_a_merge_straddling_the_stop_string_is_kept_as_sampled(model_and_tokenizer):
+    """The model samples "\n\n" as one token: the base stop "\ndef " begins in its second half.
+    The kept text ends after the first newline; the ids keep the merged token as it was sampled
+    (re-encoding the kept text would give a single "\n" the policy never drew)."""
+    model, tokenizer = model_and_tokenizer
+    double_newline = tokenizer.convert_tokens_to_ids("ĊĊ")
+    assert double_newline != tokenizer.unk_token_id
+    script = ids(tokenizer, "    return a") + [double_newline] + ids(tokenizer, "def other():\n")
+    with scripted(model, script):
+        [completion] = generate(
+            model, tokenizer, [FUNCTION_TASKS[0]], SamplingConfig(max_new_tokens=30)
+        )
+    assert completion.text == "    return a\n" and completion.finish_reason == "stop"
+    cut = script.index(double_newline) + 1
+    assert completion.token_ids == script[:cut] == completion.sampled_ids[:cut]
+    assert completion.token_ids[-1] == double_newline
 
 
 def test_stdio_base_stops_at_eos_only_and_the_sandbox_gets_the_whole_program(model_and_tokenizer):
@@ -342,6 +347,7 @@ def test_stdio_base_stops_at_eos_only_and_the_sandbox_gets_the_whole_program(mod
     assert completion.text == program  # "\ndef ", "\nif " and "\nprint(" do not stop a program
     assert completion.finish_reason == "eos" and not completion.truncated
     assert tokenizer.eos_token_id not in completion.token_ids
+    assert completion.end_id == tokenizer.eos_token_id
     rendered = render_prompt(STDIO_PY, tokenizer, "base")
     assert (
         completion_for_sandbox(STDIO_PY, rendered, completion.text, "base")
@@ -371,9 +377,29 @@ def test_instruct_answer_ends_at_end_of_turn_and_code_is_extracted(model_and_tok
             SamplingConfig(max_new_tokens=100, prompt_mode="instruct"),
         )
     assert completion.text == answer and completion.finish_reason == "eos"
+    assert completion.end_id == end_of_turn != tokenizer.eos_token_id
+    assert completion.sampled_ids == completion.token_ids + [end_of_turn]
     rendered = render_prompt(FUNCTION_TASKS[0], tokenizer, "instruct")
     sandbox_text = completion_for_sandbox(FUNCTION_TASKS[0], rendered, completion.text, "instruct")
     assert sandbox_text == "def add(a, b):\n    return a + b\n"
+
+
+def test_the_chat_end_of_turn_ends_a_row_even_when_the_generation_config_omits_it(
+    model_and_tokenizer,
+):
+    model, tokenizer = model_and_tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    try:
+        assert end_token_ids(model, tokenizer) == {tokenizer.eos_token_id, end_of_turn}
+        with scripted(model, ids(tokenizer, "    return 1\n") + [end_of_turn]):
+            [completion] = generate(
+                model, tokenizer, [FUNCTION_TASKS[1]], SamplingConfig(max_new_tokens=20, stop=())
+            )
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert completion.finish_reason == "eos" and completion.end_id == end_of_turn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -472,7 +498,27 @@ def test_greedy_equals_hf_generate_token_for_token_and_stops_end_it_in_time(mode
     for completion, text in zip(stopped, texts):
         assert completion.text == truncate_at_stop(text, stops)[0]
         assert completion.finish_reason == "stop"
-        assert decode(tokenizer, completion.token_ids) == completion.text
+        assert decode(tokenizer, completion.token_ids).startswith(completion.text)
+        assert completion.token_ids == completion.sampled_ids[: completion.num_tokens]
+
+
+def test_ids_kept_at_a_stop_are_the_ids_sampled_without_stops(model_and_tokenizer):
+    """Sampled rows cut at stop strings keep exactly a prefix of what the same seeds draw when
+    nothing stops them (a row's stream does not depend on where it ends). Stops of one letter
+    often begin inside a token: those rows keep the straddling token whole."""
+    model, tokenizer = model_and_tokenizer
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, n=8, batch_size=40, stop=("e", "t"))
+    stopped = generate(model, tokenizer, FUNCTION_TASKS, cfg, seed=3)
+    free = generate(model, tokenizer, FUNCTION_TASKS, dataclasses.replace(cfg, stop=()), seed=3)
+    assert sum(c.finish_reason == "stop" for c in stopped) >= 10
+    straddling = 0
+    for cut, whole in zip(stopped, free):
+        n = cut.num_tokens
+        assert cut.token_ids == whole.token_ids[:n] == cut.sampled_ids[:n]
+        kept = decode(tokenizer, cut.token_ids)
+        assert kept.startswith(cut.text)
+        straddling += kept != cut.text
+    assert straddling >= 3
 
 
 def test_sampling_is_reproducible_per_seed_and_independent_of_batching(model_and_tokenizer):

@@ -19,6 +19,7 @@ from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, prompt_token_ids
 from tests import training_fixtures
+from tests.helpers import scripted
 from tests.training_fixtures import run_script, script_env
 
 # Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixture here.
@@ -228,6 +229,27 @@ def step_gradients(model, tokenizer, rollouts, advantages, aggregation="sum"):
     return moved, stats
 
 
+def test_rollouts_train_the_end_token_that_was_sampled(tiny_model_dir, toy_data_dir):
+    """Instruct mode ends an answer with the template's ``<|im_end|>``, not the tokenizer's EOS: the
+    ids a rollout trains on are the sampled ids, that very end token included."""
+    from coderl.generation import SamplingConfig
+    from coderl.rewards import RewardArgs
+    from coderl.training import collect_rollouts
+    from sandbox import Sandbox
+
+    model, tokenizer = load_model(tiny_model_dir)
+    task = load_tasks(toy_data_dir / "toy_python_train.jsonl")[0]
+    answer = f"```python\n{task['prompt']}{task['canonical_solution']}```"
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    script = tokenizer.encode(answer, add_special_tokens=False) + [end_of_turn]
+    cfg = SamplingConfig(max_new_tokens=len(script) + 4, prompt_mode="instruct")
+    with Sandbox(workers=1) as box, scripted(model, script):
+        [rollout] = collect_rollouts(model, tokenizer, [task], cfg, box, RewardArgs(), seed=0)
+    assert rollout.completion_ids == script
+    assert rollout.result.status == "passed" and rollout.reward == 1.0
+
+
 def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_dir, toy_data_dir):
     """Three samples in two micro-batches, the middle one an infra_error with a different text:
     the update is -grad of the hand-written loss over the two kept samples, whatever the masked
@@ -406,7 +428,11 @@ def read_run(tmp_path: Path, name: str) -> tuple[list[dict], list[dict], dict]:
 
 
 def assert_only_the_adapter_moved(output_dir: Path, trainable: int) -> dict:
-    """From checkpoint-1 to final exactly the trainable values moved; no base tensor is saved."""
+    """From checkpoint-1 to final every trainable value moved; no base tensor is saved.
+
+    By checkpoint-1 LoRA's B is off zero, so every trainable value receives a gradient at every
+    later step and Adam moves each one: a value that stays put received none (a broken backward).
+    """
     first = adapter_tensors(output_dir / "checkpoint-1")
     final = adapter_tensors(output_dir / "final")
     assert final.keys() == first.keys()

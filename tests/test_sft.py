@@ -141,9 +141,11 @@ def test_a_task_file_without_solutions_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["base", "instruct"])
 @pytest.mark.parametrize("family", ["python", "cpp"])
-def test_prompt_ids_are_generations_and_the_target_ends_in_eos(
+def test_prompt_ids_are_generations_and_the_target_ends_as_inference_does(
     tiny_model_dir, toy_data_dir, family, mode
 ):
+    """Base mode ends on EOS; instruct mode on the template's end-of-turn ``<|im_end|>``, which is
+    not the tokenizer's EOS here: the token a chat model emits to end its answer."""
     tokenizer = load_tokenizer(tiny_model_dir)
     task = python_task(toy_data_dir) if family == "python" else cpp_task(toy_data_dir)
     example = sft.encode_example(task, tokenizer, mode)
@@ -152,7 +154,9 @@ def test_prompt_ids_are_generations_and_the_target_ends_in_eos(
     assert list(example.prompt_ids) == prompt_token_ids(tokenizer, prompt)
     assert example.prompt_ids[0] == tokenizer.bos_token_id
     assert tokenizer.bos_token_id not in example.target_ids
-    assert example.target_ids[-1] == tokenizer.eos_token_id
+    end = "<|endoftext|>" if mode == "base" else "<|im_end|>"
+    assert tokenizer.convert_ids_to_tokens(example.target_ids[-1]) == end
+    assert tokenizer.eos_token == "<|endoftext|>"
     target = tokenizer.decode(list(example.target_ids[:-1]))
     assert target == sft.target_text(task, mode)
     if mode == "base":
@@ -173,7 +177,7 @@ def test_batch_masks_the_prompt_and_padding(tiny_model_dir, toy_data_dir):
         n, p = ex.num_tokens, len(ex.prompt_ids)
         assert input_ids[row, :n].tolist() == [*ex.prompt_ids, *ex.target_ids]
         assert attention[row].tolist() == [1] * n + [0] * (width - n)
-        # loss_mask[t-1] says whether token t is learned: the target tokens only, EOS included.
+        # loss_mask[t-1] says whether token t is learned: the target tokens only, end token included.
         assert loss_mask[row].tolist() == [0.0] * (p - 1) + [1.0] * (n - p) + [0.0] * (width - n)
 
 
@@ -205,7 +209,7 @@ def test_the_target_is_a_program_the_sandbox_passes(tiny_model_dir, toy_data_dir
     jobs = []
     for task in tasks:
         example = sft.encode_example(task, tokenizer, mode)
-        text = tokenizer.decode(list(example.target_ids[:-1]))  # generation drops the EOS
+        text = tokenizer.decode(list(example.target_ids[:-1]))  # generation drops the end token
         prompt = render_prompt(task, tokenizer, mode)
         jobs.append((task, completion_for_sandbox(task, prompt, text, mode)))
     with Sandbox(workers=1, timeout=10.0) as box:

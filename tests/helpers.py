@@ -1,0 +1,30 @@
+"""Small helpers several test modules share."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def scripted(model, script: list[int]):
+    """Make every row's next token follow ``script`` (repeating its last id); yields the call count.
+
+    A forward hook on the output head forces the logits, so a stop string, an end token or a fenced
+    answer appears exactly where a test wants it, through the real ``generate`` path.
+    """
+    calls = {"n": 0}
+
+    def force_next_token(module, inputs, output):
+        token = script[min(calls["n"], len(script) - 1)]
+        forced = torch.full_like(output, -1e4)
+        forced[..., token] = 1e4
+        calls["n"] += 1
+        return forced
+
+    handle = model.lm_head.register_forward_hook(force_next_token)
+    try:
+        yield calls
+    finally:
+        handle.remove()
