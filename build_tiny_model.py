@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from coderl.cli import parse_args
+from coderl.cli import SEED_RANGE, parse_args
 from coderl.errors import exit_on_user_error
 from coderl.tiny_model import build_tiny_model
 
@@ -27,16 +27,25 @@ class TinyModelOptions:
     arch: str = field(default="llama", metadata={"help": "Model architecture: 'llama' or 'qwen2'."})
     vocab_size: int = field(
         default=2048,
-        metadata={"help": "Tokenizer vocabulary size (BPE merges + bytes + specials)."},
+        metadata={
+            "help": "Tokenizer vocabulary size (BPE merges + bytes + specials).",
+            "range": "[300, inf)",
+        },
     )
-    hidden_size: int = field(default=128, metadata={"help": "Hidden size."})
-    num_layers: int = field(default=4, metadata={"help": "Number of transformer layers."})
+    hidden_size: int = field(default=128, metadata={"help": "Hidden size.", "range": "[1, inf)"})
+    num_layers: int = field(
+        default=4, metadata={"help": "Number of transformer layers.", "range": "[1, inf)"}
+    )
     num_heads: int = field(
-        default=4, metadata={"help": "Attention heads (hidden_size must divide by it)."}
+        default=4,
+        metadata={"help": "Attention heads (hidden_size must divide by it).", "range": "[1, inf)"},
     )
-    intermediate_size: int = field(default=0, metadata={"help": "MLP size; 0 = 4 * hidden_size."})
+    intermediate_size: int = field(
+        default=0, metadata={"help": "MLP size; 0 = 4 * hidden_size.", "range": "[0, inf)"}
+    )
     max_positions: int = field(
-        default=1024, metadata={"help": "Maximum sequence length (position embeddings)."}
+        default=1024,
+        metadata={"help": "Maximum sequence length (position embeddings).", "range": "[1, inf)"},
     )
     corpus: list[str] = field(
         default_factory=list,
@@ -46,12 +55,22 @@ class TinyModelOptions:
     )
     max_corpus_bytes: int = field(
         default=400_000,
-        metadata={"help": "Bytes of standard-library source to train the tokenizer on."},
+        metadata={
+            "help": "Bytes of standard-library source to train the tokenizer on.",
+            "range": "[1, inf)",
+        },
     )
     initializer_range: float = field(
-        default=0.0, metadata={"help": "Std of the random weights; 0 = 1 / sqrt(hidden_size)."}
+        default=0.0,
+        metadata={
+            "help": "Std of the random weights; 0 = 1 / sqrt(hidden_size).",
+            "range": "[0, inf)",
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the random weight initialisation."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the random weight initialisation.", "range": SEED_RANGE},
+    )
 
 
 @exit_on_user_error

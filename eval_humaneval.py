@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coderl.cli import parse_args, seed_everything
+from coderl.cli import SEED_RANGE, parse_args, seed_everything
 from coderl.errors import UserError, exit_on_user_error
 from coderl.evaluation import (
     TABLE_HEADER,
@@ -105,14 +105,26 @@ class EvalArgs:
             "for the same checkpoint is replaced."
         },
     )
-    limit: int = field(default=0, metadata={"help": "Evaluate only the first N tasks (0 = all)."})
-    n_samples: int = field(default=1, metadata={"help": "Samples per task (pass@k needs n >= k)."})
-    temperature: float = field(
-        default=0.0, metadata={"help": "Sampling temperature; 0 means greedy decoding."}
+    limit: int = field(
+        default=0,
+        metadata={"help": "Evaluate only the first N tasks (0 = all).", "range": "[0, inf)"},
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
+    n_samples: int = field(
+        default=1, metadata={"help": "Samples per task (pass@k needs n >= k).", "range": "[1, inf)"}
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "Sampling temperature; 0 means greedy decoding.", "range": "[0, inf)"},
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling threshold.", "range": "(0, 1]"}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation budget per sample.", "range": "[1, inf)"}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "Prompts per generation batch.", "range": "[1, inf)"}
+    )
     prompt_mode: str = field(
         default="base",
         metadata={
@@ -139,11 +151,15 @@ class EvalArgs:
         default="", metadata={"help": "Base for an adapter folder, overriding its adapter_config."}
     )
     timeout: float = field(
-        default=3.0, metadata={"help": "Seconds per task run (per test for stdin tasks)."}
+        default=3.0,
+        metadata={"help": "Seconds per task run (per test for stdin tasks).", "range": "(0, inf)"},
     )
-    workers: int = field(default=0, metadata={"help": "Sandbox worker processes (0 = CPU count)."})
+    workers: int = field(
+        default=0,
+        metadata={"help": "Sandbox worker processes (0 = CPU count).", "range": "[0, inf)"},
+    )
     ks: str = field(default="1,10,100", metadata={"help": "k values for pass@k, comma-separated."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling.", "range": SEED_RANGE})
     overwrite: bool = field(
         default=False,
         metadata={"help": "Start over in an output folder that holds a run with other settings."},

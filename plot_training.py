@@ -60,7 +60,10 @@ class PlotOptions:
     )
     smooth: int = field(
         default=1,
-        metadata={"help": "Moving-average window over steps (1 = raw values)."},
+        metadata={
+            "help": "Moving-average window over steps (1 = raw values).",
+            "range": "[1, inf)",
+        },
     )
     title: str = field(default="", metadata={"help": "Figure title."})
 

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coderl.cli import parse_args
+from coderl.cli import SEED_RANGE, parse_args
 from coderl.errors import UserError, exit_on_user_error
 from coderl.hub_data import (
     DEEPCODER_SUBSETS,
@@ -52,35 +52,55 @@ class PrepareDataOptions:
     seed: int = field(
         default=42,
         metadata={
-            "help": "Seed of the HumanEval shuffle (42 = the seed experiment's) and the toy tasks."
+            "help": "Seed of the HumanEval shuffle (42 = the seed experiment's) and the toy tasks.",
+            "range": SEED_RANGE,
         },
     )
     humaneval_test_size: int = field(
-        default=33, metadata={"help": "HumanEval tasks in the test split (the rest are train)."}
+        default=33,
+        metadata={
+            "help": "HumanEval tasks in the test split (the rest of its 164 are train).",
+            "range": "[1, 163]",
+        },
     )
-    toy_python_train: int = field(default=500, metadata={"help": "Toy Python train tasks."})
-    toy_python_test: int = field(default=300, metadata={"help": "Toy Python test tasks."})
+    toy_python_train: int = field(
+        default=500, metadata={"help": "Toy Python train tasks.", "range": "[0, inf)"}
+    )
+    toy_python_test: int = field(
+        default=300, metadata={"help": "Toy Python test tasks.", "range": "[0, inf)"}
+    )
     toy_python_rl: int = field(
         default=1000,
         metadata={
             "help": "Toy Python RL pool: prompts with tests whose structures neither train nor"
-            " test use (toy_python_rl.jsonl; 0 = none)."
+            " test use (toy_python_rl.jsonl; 0 = none).",
+            "range": "[0, inf)",
         },
     )
-    toy_cpp_train: int = field(default=300, metadata={"help": "Toy C++ train tasks."})
-    toy_cpp_test: int = field(default=100, metadata={"help": "Toy C++ test tasks."})
-    toy_cpp_rl: int = field(default=300, metadata={"help": "Toy C++ RL pool (0 = none)."})
+    toy_cpp_train: int = field(
+        default=300, metadata={"help": "Toy C++ train tasks.", "range": "[0, inf)"}
+    )
+    toy_cpp_test: int = field(
+        default=100, metadata={"help": "Toy C++ test tasks.", "range": "[0, inf)"}
+    )
+    toy_cpp_rl: int = field(
+        default=300, metadata={"help": "Toy C++ RL pool (0 = none).", "range": "[0, inf)"}
+    )
     toy_max_ops: int = field(
         default=3,
-        metadata={"help": "Most steps in one toy task (difficulty knob; 1 = single steps)."},
+        metadata={
+            "help": "Most steps in one toy task (difficulty knob; 1 = single steps).",
+            "range": "[1, inf)",
+        },
     )
     toy_flawed_demos: float = field(
         default=0.0,
         metadata={
-            "help": "Share in [0, 1] of the toy train demonstrations (Python and C++) whose"
+            "help": "Share of the toy train demonstrations (Python and C++) whose"
             " solution drops the task's last step, as noisy scraped data does; their prompt and"
             ' tests stay the whole task\'s and the row carries "flaw". The RL pool and the test'
-            " split are never flawed. The tiny preset uses 0.5 (see the README)."
+            " split are never flawed. The tiny preset uses 0.5 (see the README).",
+            "range": "[0, 1]",
         },
     )
     splits: str = field(
@@ -98,7 +118,11 @@ class PrepareDataOptions:
         metadata={"help": f"Comma-separated DeepCoder subsets: {', '.join(DEEPCODER_SUBSETS)}."},
     )
     max_rows: int = field(
-        default=0, metadata={"help": "Read at most this many rows per hub split (0 = all)."}
+        default=0,
+        metadata={
+            "help": "Read at most this many rows per hub split (0 = all).",
+            "range": "[0, inf)",
+        },
     )
 
 

@@ -188,16 +188,23 @@ class GRPOModelArgs(ModelArgs):
         default=0.0,
         metadata={
             "help": "LoRA dropout (default 0.0: the updated policy is exactly the one that "
-            "sampled). Used only for a fresh adapter; --init_adapter keeps its own."
+            "sampled). Used only for a fresh adapter; --init_adapter keeps its own.",
+            "range": "[0, 1)",
         },
     )
 
 
 @dataclass
 class GRPOTrainArgs(TrainArgs):
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=1e-5, metadata={"help": "Peak learning rate.", "range": "(0, inf)"}
+    )
     save_every: int = field(
-        default=25, metadata={"help": "Checkpoint every N steps (and at the end)."}
+        default=25,
+        metadata={
+            "help": "Checkpoint every N steps and at the end (N > --max_steps: only at the end).",
+            "range": "[1, inf)",
+        },
     )
 
 
@@ -219,19 +226,27 @@ class GRPOArgs:
         default="data/humaneval_train.jsonl",
         metadata={"help": "Training tasks (JSONL in the task schema)."},
     )
-    num_prompts: int = field(default=8, metadata={"help": "Prompts (groups) per step."})
+    num_prompts: int = field(
+        default=8, metadata={"help": "Prompts (groups) per step.", "range": "[1, inf)"}
+    )
     num_generations: int = field(
-        default=4, metadata={"help": "Completions sampled per prompt (G >= 2)."}
+        default=4,
+        metadata={"help": "Completions sampled per prompt (the group size).", "range": "[2, inf)"},
     )
     max_new_tokens: int = field(
         default=256,
         metadata={
             "help": "Generation budget per completion (the max_completion_length of dr_grpo "
-            "and of the overlong penalty)."
+            "and of the overlong penalty).",
+            "range": "[1, inf)",
         },
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (0, 1]."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature.", "range": "(0, inf)"}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling threshold.", "range": "(0, 1]"}
+    )
     prompt_mode: str = field(
         default="base",
         metadata={
@@ -241,18 +256,22 @@ class GRPOArgs:
         },
     )
     generation_batch_size: int = field(
-        default=32, metadata={"help": "Sequences per generate call."}
+        default=32, metadata={"help": "Sequences per generate call.", "range": "[1, inf)"}
     )
     score_chunk_tasks: int = field(
         default=0,
         metadata={
             "help": "Prompts per generation chunk, scored while the next chunk generates (0 = "
-            "one chunk: every prompt of a draw in one generate call, then scoring)."
+            "one chunk: every prompt of a draw in one generate call, then scoring).",
+            "range": "[0, inf)",
         },
     )
     micro_batch_size: int = field(
         default=8,
-        metadata={"help": "Sequences per forward/backward pass (gradients are accumulated)."},
+        metadata={
+            "help": "Sequences per forward/backward pass (gradients are accumulated).",
+            "range": "[1, inf)",
+        },
     )
     scale_rewards: str = field(
         default="group",
@@ -270,20 +289,29 @@ class GRPOArgs:
             "choices": list(LOSS_TYPES),
         },
     )
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clip range: rho >= 1 - epsilon."})
+    epsilon: float = field(
+        default=0.2, metadata={"help": "Lower clip range: rho >= 1 - epsilon.", "range": "(0, 1)"}
+    )
     epsilon_high: float | None = field(
         default=None,
         metadata={
-            "help": "Upper clip range: rho <= 1 + epsilon_high (DAPO: 0.28; default epsilon)."
+            "help": "Upper clip range: rho <= 1 + epsilon_high (DAPO: 0.28; default epsilon).",
+            "range": "(0, inf)",
         },
     )
     num_iterations: int = field(
         default=1,
-        metadata={"help": "Optimizer updates per rollout (mu), ratio against rollout log-probs."},
+        metadata={
+            "help": "Optimizer updates per rollout (mu), ratio against rollout log-probs.",
+            "range": "[1, inf)",
+        },
     )
     beta: float = field(
         default=0.0,
-        metadata={"help": "Weight of the k3 KL to the reference (base, adapter off); 0 = no pass."},
+        metadata={
+            "help": "Weight of the k3 KL to the reference (base, adapter off); 0 = no pass.",
+            "range": "[0, inf)",
+        },
     )
     zero_std: str = field(
         default="keep",
@@ -294,7 +322,8 @@ class GRPOArgs:
         },
     )
     max_resample_rounds: int = field(
-        default=2, metadata={"help": "zero_std=resample: extra draws per step at most."}
+        default=2,
+        metadata={"help": "zero_std=resample: extra draws per step at most.", "range": "[0, inf)"},
     )
     mask_truncated: bool = field(
         default=False,
@@ -306,7 +335,10 @@ class GRPOArgs:
     )
     overlong_buffer: int = field(
         default=64,
-        metadata={"help": "Overlong penalty ramp length in tokens, ending at --max_new_tokens."},
+        metadata={
+            "help": "Overlong penalty ramp length in tokens, ending at --max_new_tokens.",
+            "range": "[1, inf)",
+        },
     )
     share_prompt_forward: bool = field(
         default=True,

@@ -135,7 +135,8 @@ class PPOModelArgs(ModelArgs):
         default=0.0,
         metadata={
             "help": "LoRA dropout of a fresh adapter (PPO disables every dropout module anyway, "
-            "so old and new log-probs are computed the same way)."
+            "so old and new log-probs are computed the same way).",
+            "range": "[0, 1)",
         },
     )
 
@@ -146,14 +147,20 @@ class PPOTrainArgs(TrainArgs):
         default=100,
         metadata={
             "help": "PPO iterations: one rollout batch, then ppo_epochs x num_minibatches "
-            "optimizer updates (the LR schedule advances once per iteration)."
+            "optimizer updates (the LR schedule advances once per iteration).",
+            "range": "[1, inf)",
         },
     )
     max_grad_norm: float = field(
-        default=0.5, metadata={"help": "Gradient clipping norm (0 = off); the seed's 0.5."}
+        default=0.5,
+        metadata={"help": "Gradient clipping norm (0 = off); the seed's 0.5.", "range": "[0, inf)"},
     )
     save_every: int = field(
-        default=25, metadata={"help": "Checkpoint every N iterations (and at the end)."}
+        default=25,
+        metadata={
+            "help": "Checkpoint every N iterations and at the end (N > --max_steps: only at the end).",
+            "range": "[1, inf)",
+        },
     )
 
 
@@ -172,28 +179,43 @@ class PPOArgs:
         },
     )
     batch_size: int = field(
-        default=8, metadata={"help": "Tasks per iteration and process (seed: 4 and 8)."}
+        default=8,
+        metadata={"help": "Tasks per iteration and process (seed: 4 and 8).", "range": "[1, inf)"},
     )
-    num_generations: int = field(default=1, metadata={"help": "Completions sampled per task."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_generations: int = field(
+        default=1, metadata={"help": "Completions sampled per task.", "range": "[1, inf)"}
+    )
+    ppo_epochs: int = field(
+        default=4, metadata={"help": "Passes over each rollout batch.", "range": "[1, inf)"}
+    )
     num_minibatches: int = field(
-        default=2, metadata={"help": "Minibatches per pass (one optimizer step each)."}
+        default=2,
+        metadata={"help": "Minibatches per pass (one optimizer step each).", "range": "[1, inf)"},
     )
     clip_epsilon: float = field(
-        default=0.2, metadata={"help": "PPO ratio clip: ratio kept in [1 - eps, 1 + eps]."}
+        default=0.2,
+        metadata={"help": "PPO ratio clip: ratio kept in [1 - eps, 1 + eps].", "range": "(0, 1)"},
     )
-    vf_coef: float = field(default=0.5, metadata={"help": "token: weight of the value loss."})
+    vf_coef: float = field(
+        default=0.5, metadata={"help": "token: weight of the value loss.", "range": "[0, inf)"}
+    )
     value_clip: float = field(
         default=0.0,
         metadata={
             "help": "token: clip value predictions to old value +- this in the value loss "
-            "(0 = unclipped value loss)."
+            "(0 = unclipped value loss).",
+            "range": "[0, inf)",
         },
     )
-    ent_coef: float = field(default=0.01, metadata={"help": "token: weight of the entropy bonus."})
+    ent_coef: float = field(
+        default=0.01, metadata={"help": "token: weight of the entropy bonus.", "range": "[0, inf)"}
+    )
     kl_coef: float = field(
         default=0.05,
-        metadata={"help": "token: per-token KL penalty to the reference, folded into rewards."},
+        metadata={
+            "help": "token: per-token KL penalty to the reference, folded into rewards.",
+            "range": "[0, inf)",
+        },
     )
     kl_reference: str = field(
         default="base",
@@ -204,28 +226,41 @@ class PPOArgs:
             "choices": ["base", "init"],
         },
     )
-    gamma: float = field(default=1.0, metadata={"help": "token: discount factor."})
-    gae_lambda: float = field(default=0.95, metadata={"help": "token: GAE lambda."})
+    gamma: float = field(
+        default=1.0, metadata={"help": "token: discount factor.", "range": "[0, 1]"}
+    )
+    gae_lambda: float = field(
+        default=0.95, metadata={"help": "token: GAE lambda.", "range": "[0, 1]"}
+    )
     value_learning_rate: float = field(
         default=0.0,
         metadata={
             "help": "token: learning rate of the value head (its own parameter group in the "
-            "same optimizer); 0 = --learning_rate."
+            "same optimizer); 0 = --learning_rate.",
+            "range": "[0, inf)",
         },
     )
     target_kl: float = field(
         default=0.0,
         metadata={
             "help": "Stop an iteration's updates once a minibatch's approx KL (k3, old vs new) "
-            "exceeds 1.5 x this (0 = off; run all ppo_epochs)."
+            "exceeds 1.5 x this (0 = off; run all ppo_epochs).",
+            "range": "[0, inf)",
         },
     )
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation budget per sample.", "range": "[1, inf)"}
+    )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature; log-probs use the same temperature."},
+        metadata={
+            "help": "Sampling temperature; log-probs use the same temperature.",
+            "range": "(0, inf)",
+        },
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1 = off)."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling (1 = off).", "range": "(0, 1]"}
+    )
     prompt_mode: str = field(
         default="base",
         metadata={
@@ -233,7 +268,9 @@ class PPOArgs:
             "choices": ["base", "instruct"],
         },
     )
-    generation_batch_size: int = field(default=8, metadata={"help": "Sequences generated at once."})
+    generation_batch_size: int = field(
+        default=8, metadata={"help": "Sequences generated at once.", "range": "[1, inf)"}
+    )
 
 
 def validate_ppo_args(args: PPOArgs) -> None:

@@ -149,16 +149,23 @@ class RLModelArgs(ModelArgs):
         default=0.0,
         metadata={
             "help": "LoRA dropout during the update (RL default 0.0: the updated policy is "
-            "exactly the one that sampled); also applied to an --init_adapter."
+            "exactly the one that sampled); also applied to an --init_adapter.",
+            "range": "[0, 1)",
         },
     )
 
 
 @dataclass
 class RLTrainArgs(TrainArgs):
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=1e-5, metadata={"help": "Peak learning rate.", "range": "(0, inf)"}
+    )
     save_every: int = field(
-        default=25, metadata={"help": "Checkpoint every N steps (and at the end)."}
+        default=25,
+        metadata={
+            "help": "Checkpoint every N steps and at the end (N > --max_steps: only at the end).",
+            "range": "[1, inf)",
+        },
     )
 
 
@@ -171,24 +178,37 @@ class ReinforceArgs:
     batch_size: int = field(
         default=4,
         metadata={
-            "help": "Prompts per step, over all processes (each process takes an equal share)."
+            "help": "Prompts per step, over all processes (each process takes an equal share).",
+            "range": "[1, inf)",
         },
     )
     num_generations: int = field(
-        default=1, metadata={"help": "Completions sampled per prompt (rloo needs >= 2)."}
+        default=1,
+        metadata={"help": "Completions sampled per prompt (rloo needs >= 2).", "range": "[1, inf)"},
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature (> 0); the loss uses the same tempered policy."},
+        metadata={
+            "help": "Sampling temperature; the loss uses the same tempered policy.",
+            "range": "(0, inf)",
+        },
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (0, 1]."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per sample."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling threshold.", "range": "(0, 1]"}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Generation budget per sample.", "range": "[1, inf)"}
+    )
     generation_batch_size: int = field(
-        default=8, metadata={"help": "Sequences per generate call (prompts x samples)."}
+        default=8,
+        metadata={"help": "Sequences per generate call (prompts x samples).", "range": "[1, inf)"},
     )
     micro_batch_size: int = field(
         default=4,
-        metadata={"help": "Sequences per forward/backward pass (gradients are accumulated)."},
+        metadata={
+            "help": "Sequences per forward/backward pass (gradients are accumulated).",
+            "range": "[1, inf)",
+        },
     )
     prompt_mode: str = field(
         default="base",
@@ -207,7 +227,10 @@ class ReinforceArgs:
     )
     baseline_decay: float = field(
         default=0.9,
-        metadata={"help": "moving_mean: b <- decay * b + (1 - decay) * batch mean, in [0, 1)."},
+        metadata={
+            "help": "moving_mean: b <- decay * b + (1 - decay) * batch mean.",
+            "range": "[0, 1)",
+        },
     )
     token_aggregation: str = field(
         default="sum",
@@ -219,7 +242,10 @@ class ReinforceArgs:
     )
     kl_coef: float = field(
         default=0.0,
-        metadata={"help": "Weight of the KL to the reference (base model, adapter disabled)."},
+        metadata={
+            "help": "Weight of the KL to the reference (base model, adapter disabled).",
+            "range": "[0, inf)",
+        },
     )
     kl_estimator: str = field(
         default="k3",
@@ -233,7 +259,8 @@ class ReinforceArgs:
         default=0,
         metadata={
             "help": "Prompts per generation chunk scored while the next generates "
-            "(0 = half the step's prompts)."
+            "(0 = half the step's prompts).",
+            "range": "[0, inf)",
         },
     )
 

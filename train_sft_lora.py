@@ -125,20 +125,31 @@ class SFTTrainArgs(TrainArgs):
         default=0,
         metadata={
             "help": "Optimizer steps to run; 0 = derived from --num_train_epochs (recorded as "
-            "computed.max_steps)."
+            "computed.max_steps).",
+            "range": "[0, inf)",
         },
     )
     num_train_epochs: float = field(
         default=1.0,
-        metadata={"help": "Passes over the training examples (used when --max_steps is 0)."},
+        metadata={
+            "help": "Passes over the training examples (used when --max_steps is 0).",
+            "range": "(0, inf)",
+        },
     )
     per_device_train_batch_size: int = field(
-        default=1, metadata={"help": "Examples per micro-batch on each process."}
+        default=1,
+        metadata={"help": "Examples per micro-batch on each process.", "range": "[1, inf)"},
     )
     gradient_accumulation_steps: int = field(
-        default=8, metadata={"help": "Micro-batches accumulated into one optimizer step."}
+        default=8,
+        metadata={
+            "help": "Micro-batches accumulated into one optimizer step.",
+            "range": "[1, inf)",
+        },
     )
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Peak learning rate.", "range": "(0, inf)"}
+    )
     lr_scheduler: str = field(
         default="linear",
         metadata={
@@ -169,7 +180,10 @@ class SFTDataArgs:
     )
     max_length: int = field(
         default=1024,
-        metadata={"help": "Longest example in tokens (prompt + solution + end token)."},
+        metadata={
+            "help": "Longest example in tokens (prompt + solution + end token).",
+            "range": "[2, inf)",
+        },
     )
     overlong: str = field(
         default="drop",

@@ -44,18 +44,33 @@ class RewardArgs:
     )
     length_alpha: float = field(
         default=0.0,
-        metadata={"help": "unit_test: subtract alpha * generated_tokens / 100 (seed: 0.01, 0.03)."},
+        metadata={
+            "help": "unit_test: subtract alpha * generated_tokens / 100 (seed: 0.01, 0.03).",
+            "range": "[0, inf)",
+        },
     )
-    w_compile: float = field(default=0.2, metadata={"help": "weighted: weight of compiling."})
-    w_correct: float = field(default=0.7, metadata={"help": "weighted: weight of correctness."})
-    w_quality: float = field(default=0.1, metadata={"help": "weighted: weight of code quality."})
+    w_compile: float = field(
+        default=0.2, metadata={"help": "weighted: weight of compiling.", "range": "[0, inf)"}
+    )
+    w_correct: float = field(
+        default=0.7, metadata={"help": "weighted: weight of correctness.", "range": "[0, inf)"}
+    )
+    w_quality: float = field(
+        default=0.1, metadata={"help": "weighted: weight of code quality.", "range": "[0, inf)"}
+    )
     concise_lines: int = field(
         default=30,
-        metadata={"help": "shaped/weighted: a solution of at most this many lines is concise."},
+        metadata={
+            "help": "shaped/weighted: a solution of at most this many lines is concise.",
+            "range": "[1, inf)",
+        },
     )
     max_line_length: int = field(
         default=100,
-        metadata={"help": "shaped/weighted: every line at most this long earns the bonus."},
+        metadata={
+            "help": "shaped/weighted: every line at most this long earns the bonus.",
+            "range": "[1, inf)",
+        },
     )
 
 

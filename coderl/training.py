@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from coderl.checkpoint import export_final, latest_checkpoint, load_trainer_state, save_checkpoint
-from coderl.cli import seed_everything
+from coderl.cli import SEED_RANGE, seed_everything
 from coderl.errors import UserError
 from coderl.rewards import RewardArgs, Scored, compute_rewards
 from coderl.runlog import RunLogger
@@ -62,9 +62,11 @@ class ModelArgs:
             "choices": ["lora", "tinylora"],
         },
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank.", "range": "[1, inf)"})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "LoRA alpha (scale = alpha / r).", "range": "[1, inf)"}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout.", "range": "[0, 1)"})
     target_modules: str = field(
         default=DEFAULT_TARGETS,
         metadata={
@@ -72,13 +74,18 @@ class ModelArgs:
             "default), or all-linear."
         },
     )
-    tinylora_u: int = field(default=32, metadata={"help": "TinyLoRA trainable vector size u."})
-    tinylora_r: int = field(default=2, metadata={"help": "TinyLoRA frozen SVD rank r."})
+    tinylora_u: int = field(
+        default=32, metadata={"help": "TinyLoRA trainable vector size u.", "range": "[1, inf)"}
+    )
+    tinylora_r: int = field(
+        default=2, metadata={"help": "TinyLoRA frozen SVD rank r.", "range": "[1, inf)"}
+    )
     tinylora_weight_tying: float = field(
         default=1.0,
         metadata={
-            "help": "TinyLoRA weight tying in [0, 1]; 1.0 = one vector of u scalars shared by "
-            "every adapted module."
+            "help": "TinyLoRA weight tying; 1.0 = one vector of u scalars shared by "
+            "every adapted module.",
+            "range": "[0, 1]",
         },
     )
     gradient_checkpointing: bool = field(
@@ -105,9 +112,16 @@ class TrainArgs:
             "(comma-separated) or none."
         },
     )
-    seed: int = field(default=42, metadata={"help": "Seed for everything (also in the run name)."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to run."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed for everything (also in the run name).", "range": SEED_RANGE},
+    )
+    max_steps: int = field(
+        default=100, metadata={"help": "Optimizer steps to run.", "range": "[1, inf)"}
+    )
+    learning_rate: float = field(
+        default=1e-5, metadata={"help": "Peak learning rate.", "range": "(0, inf)"}
+    )
     lr_scheduler: str = field(
         default="constant",
         metadata={
@@ -115,15 +129,25 @@ class TrainArgs:
             "choices": ["constant", "linear", "cosine"],
         },
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Linear warm-up steps.", "range": "[0, inf)"}
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay.", "range": "[0, inf)"}
+    )
     max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."}
+        default=1.0, metadata={"help": "Gradient clipping norm (0 = off).", "range": "[0, inf)"}
     )
     save_every: int = field(
-        default=50, metadata={"help": "Checkpoint every N steps (and at the end)."}
+        default=50,
+        metadata={
+            "help": "Checkpoint every N steps and at the end (N > --max_steps: only at the end).",
+            "range": "[1, inf)",
+        },
     )
-    keep_last: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    keep_last: int = field(
+        default=2, metadata={"help": "Checkpoints kept on disk (0 = all).", "range": "[0, inf)"}
+    )
     resume: bool = field(
         default=False,
         metadata={
@@ -135,18 +159,28 @@ class TrainArgs:
         default=0,
         metadata={
             "help": "Validate every N steps on held-out tasks (0 = only at the end "
-            "if --eval_file is set)."
+            "if --eval_file is set).",
+            "range": "[0, inf)",
         },
     )
     eval_file: str = field(default="", metadata={"help": "Held-out task file for validation."})
-    eval_tasks: int = field(default=32, metadata={"help": "Held-out tasks per validation."})
+    eval_tasks: int = field(
+        default=32, metadata={"help": "Held-out tasks per validation.", "range": "[1, inf)"}
+    )
     eval_max_new_tokens: int = field(
-        default=256, metadata={"help": "Generation budget for validation (greedy)."}
+        default=256,
+        metadata={"help": "Generation budget for validation (greedy).", "range": "[1, inf)"},
     )
     sandbox_timeout: float = field(
-        default=3.0, metadata={"help": "Seconds per task run in the sandbox (per test for stdin)."}
+        default=3.0,
+        metadata={
+            "help": "Seconds per task run in the sandbox (per test for stdin).",
+            "range": "(0, inf)",
+        },
     )
-    sandbox_workers: int = field(default=0, metadata={"help": "Sandbox workers (0 = CPU count)."})
+    sandbox_workers: int = field(
+        default=0, metadata={"help": "Sandbox workers (0 = CPU count).", "range": "[0, inf)"}
+    )
 
     def resolved_run_name(self) -> str:
         """Computed after parsing: the run's name, with its seed."""

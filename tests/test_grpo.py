@@ -329,10 +329,10 @@ def test_help_lists_every_algorithm_option(capsys):
     "argv, message",
     [
         (["--epsilon", "1.5"], "--epsilon must be in (0, 1), got 1.5"),
-        (["--num_generations", "1"], "--num_generations must be at least 2"),
+        (["--num_generations", "1"], "--num_generations must be in [2, inf), got 1"),
         (["--overlong_penalty", "--overlong_buffer", "0"], "--overlong_buffer must be in"),
         (["--adapter", "qlora", "--quantization", "none"], "--adapter qlora needs a 4-bit base"),
-        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--temperature", "0"], "--temperature must be in (0, inf), got 0.0"),
         (["--no_such_flag", "1"], "unknown option(s): --no_such_flag"),
         (["--init_adapter", "/nonexistent"], "no adapter_config.json"),
         (["--train_file", "/nonexistent.jsonl", "--report_to", "none"], "file not found"),

@@ -106,10 +106,10 @@ def test_help_documents_every_option():
             "--source: unknown apps (choose from humaneval, toy, mbpp,",
         ),
         (["--source", " , "], "--source is empty"),
-        (["--toy_python_test", "-1"], "--toy_python_test must be >= 0, got -1"),
-        (["--toy_max_ops", "0"], "--toy_max_ops must be >= 1, got 0"),
+        (["--toy_python_test", "-1"], "--toy_python_test must be in [0, inf), got -1"),
+        (["--toy_max_ops", "0"], "--toy_max_ops must be in [1, inf), got 0"),
         (["--toy_flawed_demos", "1.5"], "--toy_flawed_demos must be in [0, 1], got 1.5"),
-        (["--humaneval_test_size", "0"], "HumanEval test size must be between 1 and 163, got 0"),
+        (["--humaneval_test_size", "0"], "--humaneval_test_size must be in [1, 163], got 0"),
         (
             ["--source", "code_contests", "--languages", "java"],
             "--languages: unknown java (choose from python, cpp)",
