@@ -36,9 +36,11 @@ adapter ``--num_iterations`` times on that one rollout. The math, with i a compl
 
 * **Several updates per rollout** (``--num_iterations`` = mu): the importance ratio is taken
   against the log-probs of the rollout-time policy. They are the first update's own forward pass,
-  detached: the parameters are still the rollout's then, the model is in train mode exactly as in
-  the later updates (same dropout mode), and no extra forward pass is spent. With mu = 1, rho = 1
-  and the gradient is the policy gradient with the group-mean baseline.
+  detached: the parameters are still the rollout's then, and no extra forward pass is spent. Every
+  dropout module is switched off at load (an ``--init_adapter`` keeps its own LoRA dropout in its
+  config, 0.05 in the full SFT config), so the policy is one deterministic function of the weights:
+  rho = 1 exactly until the weights move, and clipping reacts to updates, not to dropout noise.
+  With mu = 1, rho = 1 and the gradient is the policy gradient with the group-mean baseline.
 
 * **Groups with equal rewards** carry no signal (all A = 0). ``--zero_std keep`` leaves them in
   (they count in the normalisers and, with beta > 0, in the KL); ``drop`` removes them from the
@@ -142,6 +144,7 @@ import torch
 
 from coderl.cli import derive_seed, parse_args
 from coderl.errors import UserError, exit_on_user_error
+from coderl.models import disable_dropout, gradient_checkpointing_on
 from coderl.rewards import RewardArgs, Scored, reward_partial
 from coderl.training import (
     ModelArgs,
@@ -187,8 +190,8 @@ class GRPOModelArgs(ModelArgs):
     lora_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "LoRA dropout (default 0.0: the updated policy is exactly the one that "
-            "sampled). Used only for a fresh adapter; --init_adapter keeps its own.",
+            "help": "LoRA dropout written into a fresh adapter's config. The update itself runs "
+            "with every dropout module off, so old and new log-probs are the same function.",
             "range": "[0, 1)",
         },
     )
@@ -716,6 +719,9 @@ def completion_logprobs(
     Logits are divided by ``temperature`` (the distribution the tokens were sampled from).
     With ``with_entropy`` also the entropy of each next-token distribution (no gradient).
     """
+    # In train mode, checkpointing (by any route) turns the key/value cache off: one pass per row.
+    if model.training and gradient_checkpointing_on(model):
+        share_prompts = False
     logits = (shared_prompt_logits if share_prompts else joint_logits)(model, batch)
     logprobs, entropies = [], []
     for row in range(logits.shape[0]):  # one row at a time bounds the float32 copy of the logits
@@ -790,8 +796,7 @@ def policy_update(
         )
         for c in chunks
     ]
-    # Gradient checkpointing turns the key/value cache off, so it runs every row in one pass.
-    share = g.share_prompt_forward and not opts.model.gradient_checkpointing
+    share = g.share_prompt_forward
     old_lps: list[torch.Tensor] = []
     ref_lps: list[torch.Tensor | None] = []
     token_weight = 0.0
@@ -1259,6 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("train_grpo_lora.py runs in one process; launch it without accelerate")
     train_tasks, eval_tasks = load_task_files(opts, run)  # a bad file fails before any loading
     model, tokenizer = load_policy(policy_model_args(opts.model), run, run.resume_from)
+    run.print(f"dropout modules disabled: {disable_dropout(model)}")
     reward_args = resolve_reward(opts.reward, train_tasks)
     run.config["computed"].update({"reward": reward_args.reward, "epsilon_high": opts.epsilon_high})
     write_json(run.run_dir / "config.json", run.config)

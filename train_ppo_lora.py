@@ -46,7 +46,8 @@ Logged (``runs/<name>/metrics.jsonl`` + TensorBoard): ``rollout/reward_mean``,
 ``train/approx_kl`` (k3 of old vs new, mean over updates), ``train/clip_frac`` (share of entries
 where the clipped term is the active one), ``train/explained_variance`` (of the returns by the
 old values), ``train/value_mean``, ``train/ratio_dev_first``, ``train/grad_norm`` (before
-clipping), ``train/loss``, ``train/lr``, ``train/updates``, ``train/epoch``, ``time/generate``,
+clipping; ``train/grad_norm_adapter`` and ``train/grad_norm_value_head`` per group, each clipped to
+``--max_grad_norm`` on its own), ``train/loss``, ``train/lr``, ``train/updates``, ``train/epoch``, ``time/generate``,
 ``time/score`` (scoring not hidden behind generation), ``time/update`` (old log-probs, reference,
 advantages and all updates), and ``eval/pass@1`` when validating. Every sample with its reward,
 verdict and completion goes to ``samples.jsonl``.
@@ -101,6 +102,7 @@ import torch
 
 from coderl.cli import derive_seed, parse_args
 from coderl.errors import UserError, exit_on_user_error
+from coderl.models import disable_dropout
 from coderl.rewards import RewardArgs
 from coderl.training import (
     ModelArgs,
@@ -153,7 +155,11 @@ class PPOTrainArgs(TrainArgs):
     )
     max_grad_norm: float = field(
         default=0.5,
-        metadata={"help": "Gradient clipping norm (0 = off); the seed's 0.5.", "range": "[0, inf)"},
+        metadata={
+            "help": "Gradient clipping norm (0 = off), applied to the adapter and the value "
+            "head apart; the seed's 0.5.",
+            "range": "[0, inf)",
+        },
     )
     save_every: int = field(
         default=25,
@@ -529,17 +535,6 @@ def shifted_logprobs(
     return logprobs, entropy
 
 
-def disable_dropout(model: torch.nn.Module) -> int:
-    """Set every dropout module's p to 0 (so old and new log-probs are the same function of the
-    weights); returns how many there were."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-            count += 1
-    return count
-
-
 def hidden_size_of(policy) -> int:
     config = policy.config
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
@@ -713,7 +708,6 @@ def ppo_update(
     past 1.5 x target_kl (k3 of old vs new, averaged over processes), as in Stable-Baselines3.
     """
     generator = torch.Generator().manual_seed(seed)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     updates = 0
     ratio_dev_first = None
@@ -733,9 +727,8 @@ def ppo_update(
                 break
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+            stats.update(clip_each_group(optimizer, max_grad_norm))
             optimizer.step()
-            stats["train/grad_norm"] = float(norm)
             stats["train/loss"] = loss.item()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -748,6 +741,22 @@ def ppo_update(
     metrics["train/updates"] = updates
     metrics["train/early_stop"] = float(stopped)
     return metrics
+
+
+def clip_each_group(optimizer, max_grad_norm: float) -> dict[str, float]:
+    """Clip the adapter's and the value head's gradients apart, each to ``max_grad_norm``.
+
+    The value loss of a fresh head is large and its gradient dwarfs the policy's early on: one
+    global clip would then scale the policy step down by the critic's norm. Returns each group's
+    norm before clipping (``train/grad_norm_<group>``) and their combined norm (``train/grad_norm``).
+    """
+    limit = max_grad_norm or float("inf")
+    norms = {}
+    for index, group in enumerate(optimizer.param_groups):
+        norm = torch.nn.utils.clip_grad_norm_(group["params"], limit)
+        norms[f"train/grad_norm_{group.get('name', index)}"] = float(norm)
+    norms["train/grad_norm"] = math.hypot(*norms.values())
+    return norms
 
 
 def mean_over_processes(accelerator, value: float) -> float:

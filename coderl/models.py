@@ -735,6 +735,24 @@ def encode_prompt_and_completion(
     return prompt_ids + encode_completion(tokenizer, completion, end_id=end_id), len(prompt_ids)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout module's p to 0 (so old and new log-probs are the same function of the
+    weights); returns how many there were."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+            count += 1
+    return count
+
+
+def gradient_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` checkpoints activations, however it was switched on (our
+    ``--gradient_checkpointing``, or peft's ``prepare_model_for_kbit_training`` on a 4-bit CUDA
+    base). Transformers then turns the key/value cache off in train mode."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 @contextlib.contextmanager
 def eval_mode(model) -> Iterator[None]:
     """Temporarily put ``model`` in eval mode (dropout off), restoring its previous mode after."""

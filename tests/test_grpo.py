@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,43 @@ def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir, shar
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
 
 
+def test_shared_prompt_path_under_kbit_gradient_checkpointing(tiny_model_dir):
+    """peft's prepare_model_for_kbit_training (what a 4-bit CUDA base gets) switches gradient
+    checkpointing on, which turns the key/value cache off in train mode: the shared-prompt forward
+    then had no cache to select rows from (AttributeError at the first update). It must fall back
+    to one pass per row and give the same log-probs and gradients as with checkpointing off."""
+    from coderl.models import add_adapter, gradient_checkpointing_on, load_model
+
+    model, tok = load_model(tiny_model_dir, quantization="4bit")
+    model = add_adapter(model, "qlora", r=4, alpha=8, dropout=0.0, prepare_kbit=True)
+    assert gradient_checkpointing_on(model)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(0))
+    prompts = [tok.encode("def f(x):\n"), tok.encode("def g(xs):\n    return")]
+    batch = pack_rows(
+        [prompts[0], prompts[0], prompts[1]], [[101, 57], [9], [44, 45, 46]], tok.pad_token_id
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    runs = {}
+    for checkpointing in (True, False):
+        if not checkpointing:
+            model.gradient_checkpointing_disable()
+        for share in (True, False):
+            lp, _ = completion_logprobs(model, batch, share_prompts=share)
+            model.zero_grad()
+            (-(lp * batch.completion_mask).sum()).backward()  # reentrant checkpoints: no .grad()
+            kept = lp.detach()[batch.completion_mask.bool()]  # padding columns are no tokens
+            runs[checkpointing, share] = (kept, [p.grad.clone() for p in params])
+    want_lp, want_grads = runs[False, True]
+    assert any(float(g.abs().max()) > 1e-6 for g in want_grads)
+    for key, (lp, grads) in runs.items():
+        torch.testing.assert_close(lp, want_lp, rtol=1e-4, atol=1e-5, msg=str(key))
+        for g, e in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6, msg=str(key))
+
+
 def test_folded_adapter_gives_the_same_logits_and_leaves_the_adapter_alone(tiny_model_dir):
     from coderl.models import add_adapter, load_model
 
@@ -354,6 +392,29 @@ def test_bad_values_are_one_line_errors_with_exit_2(argv, message, capsys, tmp_p
 # (-0.5 error, +0.2 runs but fails, +1 pass, + style bonuses) gives its groups unequal rewards.
 SHAPED = ["--reward", "shaped", "--temperature", "0.6", "--num_prompts", "8",
           "--num_generations", "4", "--max_new_tokens", "32"]  # fmt: skip
+
+
+def test_ratio_stays_one_until_the_weights_move_with_a_dropout_adapter(
+    tiny_model_dir, sft_adapter_dir, toy_data_dir, tmp_path, capsys
+):
+    """An --init_adapter keeps its own LoRA dropout (here 0.5). Two updates per rollout at a
+    learning rate too small to move anything: the second pass must see rho = 1 exactly, so no
+    token is clipped. With dropout on in the update, its noise alone clipped most tokens."""
+    import train_grpo_lora
+
+    adapter = tmp_path / "dropout-adapter"
+    shutil.copytree(sft_adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 0.5}))
+    train_grpo_lora.main(grpo_args(
+        tmp_path, "dropout", toy_data_dir / "toy_python_train.jsonl", "--model", tiny_model_dir,
+        "--init_adapter", str(adapter), *SHAPED, "--num_iterations", "2", "--max_steps", "1",
+        "--learning_rate", "1e-12", "--epsilon", "0.05", "--warmup_steps", "0",
+    ))  # fmt: skip
+    assert "dropout modules disabled: " in capsys.readouterr().err
+    [step] = train_steps(tmp_path / "runs" / "dropout").values()
+    assert step["train/loss_sequences"] > 0
+    assert step["train/clip_ratio_low"] == step["train/clip_ratio_high"] == 0.0
 
 
 def start_script(args: list[str], cwd: Path) -> subprocess.Popen:

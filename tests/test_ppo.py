@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import train_ppo_lora as ppo
-from coderl.models import load_model
+from coderl.models import disable_dropout, load_model
 from coderl.rewards import RewardArgs
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
@@ -214,7 +214,7 @@ def tiny_policy(model_dir, variant=TOKEN, adapter="lora", quantization="none", d
     policy, tokenizer = load_policy(args)
     head = ppo.build_value_head(policy, None, "cpu") if variant == TOKEN else None
     model = ppo.PolicyWithValue(policy, head)
-    ppo.disable_dropout(model)
+    disable_dropout(model)
     model.train()
     return model, tokenizer
 
@@ -339,6 +339,34 @@ def test_one_update_moves_adapter_and_value_head_not_the_base(
     assert all(torch.equal(before_base[n], after_base[n]) for n in before_base)
 
 
+def test_adapter_and_value_head_are_clipped_apart(tiny_model_dir):
+    """One global clip would shrink the policy's step by the critic's norm (a fresh value head's
+    loss is large). Each group is clipped to max_grad_norm on its own: a limit between the two
+    norms clips the larger group only and leaves the other exactly as it was."""
+    model, tokenizer = tiny_policy(tiny_model_dir, TOKEN)
+    randomize_adapter(model)
+    groups = ppo.optimizer_groups(model, ppo.PPOArgs(), lr=1e-2)
+    optimizer = torch.optim.SGD(groups, lr=1e-2)
+    args = ppo.PPOArgs()
+    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, "cpu")
+    loss, _, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args)
+    loss.backward()
+    raw = {g["name"]: [p.grad.clone() for p in g["params"]] for g in optimizer.param_groups}
+    raw_norm = {name: float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+                for name, grads in raw.items()}  # fmt: skip
+    low, high = sorted(raw_norm.values())
+    assert high > 1.5 * low > 0
+    limit = (low + high) / 2
+    norms = ppo.clip_each_group(optimizer, limit)
+    assert norms["train/grad_norm_adapter"] == pytest.approx(raw_norm["adapter"], rel=1e-5)
+    assert norms["train/grad_norm_value_head"] == pytest.approx(raw_norm["value_head"], rel=1e-5)
+    assert norms["train/grad_norm"] == pytest.approx(math.hypot(*raw_norm.values()), rel=1e-5)
+    for group in optimizer.param_groups:
+        scale = min(1.0, limit / raw_norm[group["name"]])
+        for p, before in zip(group["params"], raw[group["name"]], strict=True):
+            torch.testing.assert_close(p.grad, before * scale, rtol=1e-5, atol=1e-8)
+
+
 def test_target_kl_stops_the_updates_of_an_iteration(tiny_model_dir):
     model, tokenizer = tiny_policy(tiny_model_dir, SEQUENCE)
     randomize_adapter(model)
@@ -364,7 +392,7 @@ def test_old_and_new_logprobs_share_one_dropout_mode(tiny_model_dir):
     with torch.no_grad():
         a, b = model(ids, att)[0], model(ids, att)[0]
     assert not torch.equal(a, b)  # dropout on: the mixed-mode bug would show as ratio != 1
-    assert ppo.disable_dropout(model) > 0
+    assert disable_dropout(model) > 0
     with torch.no_grad():
         a, b = model(ids, att)[0], model(ids, att)[0]
     assert torch.equal(a, b)
