@@ -11,6 +11,9 @@ Three modes, one script:
 
       python eval_humaneval.py --problems HumanEval.jsonl.gz --samples samples.jsonl --output_dir D
 
+  A completion in a markdown fence is scored as its fenced block, as instruct mode extracts it
+  (``coderl.evaluation.code_to_score``); its result line says ``"extracted": "fenced_block"``.
+
 * **Compare** finished result folders: a table, a per-task diff of the first two, a bar chart::
 
       python eval_humaneval.py --compare results/eval/base results/eval/sft --chart results/cmp.png

@@ -5,7 +5,9 @@ The verdicts come from :mod:`sandbox`; this module only counts them.
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -13,6 +15,7 @@ TABLE_HEADER = (
     "| Model / Checkpoint | Method | pass@1 | #passed / #tasks | Avg. length |\n"
     "|---|---|:---:|:---:|:---:|"
 )
+_FENCE_LINE = re.compile(r"^[ \t]*```", re.M)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -52,14 +55,52 @@ def result_row(sample: dict, result) -> dict:
     return row
 
 
+def code_to_score(task: dict, completion: str) -> tuple[str, bool]:
+    """``(code, extracted)``: what the sandbox runs for a completion made elsewhere.
+
+    Instruct models answer in a markdown fence. A completion with a fence line is scored as its
+    fenced block, extracted exactly as generation's instruct mode does
+    (:func:`coderl.generation.extract_code`): always for a stdin/stdout program (a fence line is
+    never valid C++ or a sensible Python program), and for a function task only when prompt +
+    completion is not valid Python as it stands (a ``"```"`` inside a string stays code). The
+    sandbox prepends the prompt to a function task's code, and the later definition wins.
+    """
+    from coderl.generation import extract_code, task_kind, task_language
+
+    if not _FENCE_LINE.search(completion):
+        return completion, False
+    if task_kind(task) == "function" and _parses(task.get("prompt", "") + completion):
+        return completion, False
+    return extract_code(completion, task_language(task)), True
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
 def score_samples(
     tasks: Sequence[dict], samples: Sequence[dict], sandbox, progress: bool = False
 ) -> list[dict]:
-    """Run every sample through ``sandbox`` and return one result row per sample, in sample order."""
+    """Run every sample through ``sandbox`` and return one result row per sample, in sample order.
+
+    A fenced completion is scored as its block (:func:`code_to_score`); its row says so with
+    ``"extracted": "fenced_block"``.
+    """
     by_id = {t["task_id"]: t for t in tasks}
-    jobs = [(by_id[s["task_id"]], s["completion"]) for s in samples]
+    prepared = [code_to_score(by_id[s["task_id"]], s["completion"]) for s in samples]
+    jobs = [(by_id[s["task_id"]], code) for s, (code, _) in zip(samples, prepared, strict=True)]
     results = sandbox.run_batch(jobs, progress=progress)
-    return [result_row(s, r) for s, r in zip(samples, results, strict=True)]
+    rows = []
+    for sample, result, (_, extracted) in zip(samples, results, prepared, strict=True):
+        row = result_row(sample, result)
+        if extracted:
+            row["extracted"] = "fenced_block"
+        rows.append(row)
+    return rows
 
 
 def per_task_counts(results: Iterable[dict]) -> dict[str, tuple[int, int]]:

@@ -17,7 +17,8 @@ stand-ins holding the dequantized weights while it builds (or loads) the adapter
 quantized layers back under the adapter (:func:`_with_dequantized_stand_ins`).
 
 Saved adapters (:func:`save_adapter`) carry, next to peft's files, ``base_model.json``: a fingerprint
-of the base (name, architecture, hidden size, vocabulary size, layer count). Loading an adapter
+of the base (name, architecture, hidden size, vocabulary size, layer count, and a projection of a
+few embedding rows that tells apart bases of the same sizes). Loading an adapter
 directory checks that fingerprint and the shapes of the adapter's tensors against the base, so an
 adapter made for another base is one clear :class:`~coderl.errors.UserError`.
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,10 @@ ADAPTER_TYPES = ("lora", "qlora", "tinylora")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 BASE_FINGERPRINT_FILE = "base_model.json"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "vocab_size", "num_hidden_layers")
+EMBEDDING_PROBE_FIELD = "embedding_probe"
+EMBEDDING_PROBE_ROWS = 16  # embedding rows spread evenly over the vocabulary
+EMBEDDING_PROBE_SIZE = 32  # numbers kept after the random projection
+EMBEDDING_PROBE_MIN_COSINE = 0.95
 
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -484,13 +489,47 @@ def _check_tinylora_options(u: int, r: int, weight_tying: float) -> None:
 
 
 def base_fingerprint(model) -> dict:
-    """What identifies the base an adapter was made for: name and the sizes that shape the adapter."""
-    config = unwrap_model(model).config
+    """What identifies the base an adapter was made for: name, the sizes that shape the adapter,
+    and a probe of the embedding weights (:func:`embedding_probe`)."""
+    base = unwrap_model(model)
+    config = base.config
     fingerprint = {"base_model_name_or_path": getattr(config, "_name_or_path", "")}
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field in FINGERPRINT_FIELDS:
         fingerprint[field] = getattr(text_config, field, getattr(config, field, None))
+    probe = embedding_probe(base)
+    if probe is not None:
+        fingerprint[EMBEDDING_PROBE_FIELD] = probe
     return fingerprint
+
+
+def embedding_probe(model) -> list[float] | None:
+    """A fixed random projection of a few rows of the input embedding matrix (32 numbers).
+
+    Two bases with the same sizes (a fine-tuned copy, another seed, another release) differ here;
+    the same base loaded in bfloat16 or float16, or beside a 4-bit body (embeddings stay
+    unquantized), moves each number by a rounding error only, so :func:`probes_agree` compares
+    directions, not values.
+    """
+    embeddings = getattr(model.get_input_embeddings(), "weight", None)
+    if embeddings is None or embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        return None
+    vocab, hidden = embeddings.shape
+    rows = torch.linspace(0, vocab - 1, EMBEDDING_PROBE_ROWS).round().long().unique()
+    sample = embeddings.detach()[rows.to(embeddings.device)].float().cpu().flatten()
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(sample.numel(), EMBEDDING_PROBE_SIZE, generator=generator)
+    return [round(float(v), 6) for v in sample @ projection]
+
+
+def probes_agree(recorded: Sequence[float], actual: Sequence[float]) -> tuple[bool, float]:
+    """``(same base, cosine)``: same direction up to rounding (cosine at least 0.95). Rounding to
+    bfloat16 moves the cosine by about 1e-5; unrelated weights give about 0 +- 0.2."""
+    a, b = torch.tensor(list(recorded)), torch.tensor(list(actual))
+    if a.shape != b.shape or a.norm() == 0 or b.norm() == 0:
+        return False, 0.0
+    cosine = float(torch.dot(a, b) / (a.norm() * b.norm()))
+    return cosine >= EMBEDDING_PROBE_MIN_COSINE, cosine
 
 
 def write_base_fingerprint(model, directory: str | Path) -> Path:
@@ -525,8 +564,9 @@ def _adapter_tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
 def check_adapter_matches_base(model, adapter_dir: str | Path) -> None:
     """UserError when the adapter in ``adapter_dir`` was made for a base other than ``model``.
 
-    Two checks: the saved fingerprint (when present) against the base's config, and every adapter
-    tensor against the module it adapts (the module must exist with matching in/out features).
+    Two checks: the saved fingerprint (when present) against the base's config and embedding
+    weights (older fingerprints carry no embedding probe), and every adapter tensor against the
+    module it adapts (the module must exist with matching in/out features).
     """
     adapter_dir = Path(adapter_dir)
     base = unwrap_model(model)
@@ -540,6 +580,12 @@ def check_adapter_matches_base(model, adapter_dir: str | Path) -> None:
             for field in FINGERPRINT_FIELDS
             if recorded.get(field) is not None and recorded.get(field) != actual[field]
         ]
+        if not diffs and recorded.get(EMBEDDING_PROBE_FIELD) and actual.get(EMBEDDING_PROBE_FIELD):
+            same, cosine = probes_agree(
+                recorded[EMBEDDING_PROBE_FIELD], actual[EMBEDDING_PROBE_FIELD]
+            )
+            if not same:
+                diffs = [f"same sizes, but other embedding weights: probe cosine {cosine:.2f}"]
         if diffs:
             raise UserError(
                 f"adapter {adapter_dir} was made for base {recorded.get('base_model_name_or_path')!r}, "

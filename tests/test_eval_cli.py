@@ -274,3 +274,32 @@ def test_humaneval_test_split_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_m
     assert summary["num_tasks"] == 33
     assert sum(summary["status_counts"].values()) == 33
     assert "infra_error" not in summary["status_counts"]
+
+
+def test_fenced_completions_are_scored_as_their_block_and_say_so(tmp_path):
+    """Instruct models answer in a markdown fence. Scored as written, a fenced C++ program is a
+    compile error and a fenced Python function a syntax error; scored as the block instruct-mode
+    generation extracts, they pass, and the result line records the extraction. A completion that
+    is valid code as it stands is scored untouched."""
+    from coderl.toy_tasks import generate_toy_cpp, generate_toy_python
+
+    cpp = generate_toy_cpp(n_train=1, n_test=1, seed=0)[1][0]
+    py = generate_toy_python(n_train=1, n_test=1, seed=0)[1][0]
+    fn = humaneval_tasks()[0]
+    problems = tmp_path / "p.jsonl"
+    write_jsonl(problems, [cpp, py, fn])
+    whole_function = fn["prompt"] + fn["canonical_solution"]
+    samples = [
+        {"task_id": cpp["task_id"], "completion": f"Here:\n```cpp\n{cpp['canonical_solution']}```\n"},
+        {"task_id": py["task_id"], "completion": f"```python\n{py['prompt']}{py['canonical_solution']}```"},
+        {"task_id": fn["task_id"], "completion": f"Sure.\n```python\n{whole_function}```\nDone."},
+        {"task_id": fn["task_id"], "completion": fn["canonical_solution"]},
+        {"task_id": fn["task_id"], "completion": '    """```"""\n' + fn["canonical_solution"]},
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "s.jsonl", samples)
+    run_eval(
+        "--problems", problems, "--samples", tmp_path / "s.jsonl", "--output_dir", tmp_path / "o"
+    )
+    rows = read_rows(tmp_path / "o" / "results.jsonl")
+    assert [r["status"] for r in rows] == ["passed"] * 5
+    assert [r.get("extracted") for r in rows] == ["fenced_block"] * 3 + [None, None]

@@ -364,6 +364,23 @@ def test_adapter_for_another_base_is_a_user_error(tiny_model_dir, other_base_dir
         load_model(str(tinylora_dir), base_model=other_base_dir)
 
 
+def test_adapter_for_another_base_of_the_same_sizes_is_a_user_error(tiny_model_dir, tmp_path):
+    """Same architecture and sizes, other weights (another seed): every shape fits, so only the
+    embedding probe of the fingerprint tells. The same base in bfloat16 or 4-bit still loads it."""
+    from coderl.tiny_model import build_tiny_model
+    from tests.conftest import TINY_TEST_MODEL
+
+    twin = build_tiny_model(
+        tmp_path / "twin", **{**TINY_TEST_MODEL, "seed": 1}, max_corpus_bytes=200_000
+    )
+    model, _ = load_model(tiny_model_dir)
+    adapter_dir = save_adapter(add_adapter(model, "lora", r=2), tmp_path / "adapter")
+    with pytest.raises(UserError, match="same sizes, but other embedding weights"):
+        load_model(str(adapter_dir), base_model=str(twin))
+    for kwargs in ({"dtype": "bfloat16"}, {"quantization": "4bit"}):
+        load_model(str(adapter_dir), **kwargs)
+
+
 def test_adapter_with_a_module_the_base_lacks_is_a_user_error(tiny_model_dir, tmp_path):
     model, _ = load_model(tiny_model_dir)
     adapter_dir = save_adapter(
