@@ -574,6 +574,7 @@ class _WorkerHandle:
                 "reply_fd": reply_w,
                 "isolation": self.isolation,
                 "site_packages": _site_packages(),
+                "prefixes": [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix],
             }
         )
         try:
@@ -756,7 +757,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
@@ -805,6 +806,9 @@ class _Libc:
 
     def unshare(self, flags: int) -> None:
         self._check(self.lib.unshare(ctypes.c_int(flags)), "unshare")
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._check(self.lib.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data=None):
         def encode(value):
@@ -865,13 +869,17 @@ class _Libc:
 class _Isolation:
     """The layers a worker managed to set up, and the per-run operations built on them."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, interpreter_prefixes: Sequence[str] = ()):
         self.mode = mode
         self.libc = _Libc()
+        self.interpreter_prefixes = tuple(interpreter_prefixes)  # as the caller's Python sees them
         self.user_ns = self.mount_ns = self.net_ns = self.pid_ns = False
         self.minimal_root = self.read_only = self.fresh_proc = False
         self.candidate_uid: int | None = None  # uid untrusted code switches to (None: drop caps)
         self.per_run_tmpfs = False  # untrusted code shares our uid: each run gets a fresh tmpfs
+        # Parts of the Python installation under /tmp, bound back onto every private /tmp.
+        self.tmp_binds: list[tuple[str, int]] = []
+        self.own_proc_fd = -1
         self.fallbacks: list[str] = []
 
     # -- start-up -------------------------------------------------------------------------------
@@ -980,8 +988,9 @@ class _Isolation:
 
     def _build_file_system_view(self) -> None:
         self.libc.mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates to the host
+        view = _visible_paths(self.interpreter_prefixes)
         try:
-            self._pivot_into_minimal_root()
+            self._pivot_into_minimal_root(view)
             self.minimal_root = True
         except OSError as exc:
             self.fallbacks.append(f"no minimal root ({exc.strerror or exc}): the host tree")
@@ -992,14 +1001,42 @@ class _Isolation:
         except OSError as exc:
             self.fallbacks.append(f"read-only remount failed ({exc.strerror or exc})")
             return
-        self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+        # Opened now, before the private /tmp covers them: in the minimal root they are the
+        # read-only bind mounts just made, in the host tree the host's own directories.
+        self.tmp_binds = [
+            (target, os.open(target, os.O_PATH | os.O_CLOEXEC))
+            for target, _ in view["binds"]
+            if target.startswith("/tmp/") and os.path.isdir(target)
+        ]
+        self.own_proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mount_private_tmp()
 
-    def _pivot_into_minimal_root(self) -> None:
+    def _mount_private_tmp(self) -> None:
+        """A fresh tmpfs on /tmp, with the parts of the Python installation that live under /tmp
+        (a virtual environment made by tox or a CI runner...) bound back on top of it,
+        read-only: nothing else of the host's /tmp is there."""
+        self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+        for target, source_fd in self.tmp_binds:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            self._bind_from_fd(source_fd, target)
+            self.libc.make_tree_read_only(target)
+
+    def _bind_from_fd(self, fd: int, target: str) -> None:
+        """Bind mount the tree ``fd`` refers to (covered by /tmp's tmpfs by now) on ``target``.
+
+        The source goes through this process's procfs, reached by a descriptor opened at
+        start-up: the procfs on /proc is the runs' one by then, in which we have no entry."""
+        os.fchdir(self.own_proc_fd)
+        try:
+            self.libc.mount(f"self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        finally:
+            os.chdir("/")
+
+    def _pivot_into_minimal_root(self, view: dict) -> None:
         """Build a tmpfs root holding only what programs and compilers need, and pivot into it.
 
         Sources are opened before the new root's tmpfs is mounted (over /tmp), so that mount
         cannot hide any of them; bind mounts then go through /proc/self/fd."""
-        view = _visible_paths()
         sources = {target: os.open(src, os.O_PATH | os.O_CLOEXEC) for target, src in view["binds"]}
         devices = {}
         for name in ("null", "zero", "full", "random", "urandom"):
@@ -1007,6 +1044,21 @@ class _Isolation:
                 devices[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
         root = "/tmp"
         self.libc.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
+        try:
+            self._fill_minimal_root(root, view, sources, devices)
+            os.chdir(root)
+            self.libc.pivot_root_here()
+        except OSError:
+            os.chdir("/")
+            try:  # the host tree is used instead: its /tmp as it was, not a half-built root
+                self.libc.umount(root)
+            except OSError:
+                pass
+            raise
+        os.chdir("/")
+
+    def _fill_minimal_root(self, root: str, view: dict, sources: dict, devices: dict) -> None:
+        """Links, bind mounts (the sources are closed here), masks, /dev, /proc and /tmp."""
         for link, target in view["links"].items():
             os.symlink(target, root + link)
         for target, fd in sources.items():
@@ -1026,7 +1078,7 @@ class _Isolation:
         for name, target in links.items():
             os.symlink(target, f"{root}/dev/{name}")
         os.makedirs(root + "/proc", mode=0o555)
-        os.makedirs(root + "/tmp", mode=0o755)
+        os.makedirs(root + "/tmp", mode=0o755, exist_ok=True)  # holds binds of what is under /tmp
         try:  # a procfs of our own PID namespace: host processes are not listed
             self.libc.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             self.fresh_proc = True
@@ -1034,9 +1086,6 @@ class _Isolation:
             self.libc.mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
             self.fallbacks.append("host procfs (own procfs refused): host processes are listed")
         self._limit_nested_namespaces(root + "/proc")
-        os.chdir(root)
-        self.libc.pivot_root_here()
-        os.chdir("/")
 
     def _limit_nested_namespaces(self, proc: str) -> None:
         """Untrusted code may not create user, mount or network namespaces of its own."""
@@ -1070,7 +1119,7 @@ class _Isolation:
                 os.chown(path, self.candidate_uid, self.candidate_uid)
             return path
         if self.per_run_tmpfs:
-            self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+            self._mount_private_tmp()
         os.mkdir(_RUN_DIR, 0o700)
         if self.candidate_uid is not None:
             os.chown(_RUN_DIR, self.candidate_uid, self.candidate_uid)
@@ -1087,7 +1136,7 @@ class _Isolation:
                 raise
             # Whatever the run left behind, a fresh tmpfs gets rid of it.
             self.libc.umount("/tmp")
-            self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+            self._mount_private_tmp()
 
     def describe(self, probe: dict) -> dict:
         layers = []
@@ -1145,8 +1194,12 @@ def _load_raw_fork():
 _RAW_FORK = _load_raw_fork()
 
 
-def _visible_paths() -> dict:
-    """What the minimal root shows: (target, source) bind mounts, top-level links, masked dirs."""
+def _visible_paths(interpreter_prefixes: Sequence[str] = ()) -> dict:
+    """What the minimal root shows: (target, source) bind mounts, top-level links, masked dirs.
+
+    The Python installation is the worker's prefixes and sys.path (its site-packages included)
+    and the prefixes of the caller's interpreter: a worker started with -S does not know it
+    runs in a virtual environment, whose directory then holds the site-packages."""
     binds: dict[str, str] = {}
     links: dict[str, str] = {}
     for path in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -1154,10 +1207,13 @@ def _visible_paths() -> dict:
             links[path] = os.readlink(path)
         elif os.path.isdir(path):
             binds[path] = path
-    for prefix in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
-        # Bound at the path Python knows (sys.path uses it), from wherever it really is.
-        if os.path.isdir(prefix):
-            binds[os.path.abspath(prefix)] = os.path.realpath(prefix)
+    prefixes = (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
+    for path in {*prefixes, *interpreter_prefixes, *sys.path}:
+        # Bound at the path Python knows (sys.path uses it), from wherever it really is; never
+        # the whole root or /tmp, whose private tmpfs gets only what lies below it.
+        target = os.path.abspath(path)
+        if target not in ("/", "/tmp") and os.path.isdir(path):
+            binds[target] = os.path.realpath(path)
     targets = sorted(binds)
     kept = [t for t in targets if not any(t.startswith(o + "/") for o in targets if o != t)]
     masked = []
@@ -2609,7 +2665,7 @@ def _worker_main(options_json: str) -> None:
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:
-        isolation = _Isolation(options["isolation"])
+        isolation = _Isolation(options["isolation"], options.get("prefixes", ()))
         isolation.enter(keep_fds=(request_fd, reply_fd))
         for name in _PREIMPORTED:
             __import__(name)
