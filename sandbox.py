@@ -880,6 +880,9 @@ class _Isolation:
         # Parts of the Python installation under /tmp, bound back onto every private /tmp.
         self.tmp_binds: list[tuple[str, int]] = []
         self.own_proc_fd = -1
+        # The zygote is init of a PID namespace nested in ours, which holds only it and the run.
+        self.runs_pid_ns = self.runs_proc = False  # runs_proc: that namespace's procfs on /proc
+        self.worker_pid_ns_fd = -1
         self.fallbacks: list[str] = []
 
     # -- start-up -------------------------------------------------------------------------------
@@ -1019,6 +1022,7 @@ class _Isolation:
         for target, source_fd in self.tmp_binds:
             os.makedirs(target, mode=0o755, exist_ok=True)
             self._bind_from_fd(source_fd, target)
+            # A bind keeps its source's read-only flag; made explicit, the boundary relies on it.
             self.libc.make_tree_read_only(target)
 
     def _bind_from_fd(self, fd: int, target: str) -> None:
@@ -1097,6 +1101,50 @@ class _Isolation:
             except OSError:
                 pass
 
+    # -- the zygote's PID namespace --------------------------------------------------------------
+
+    def fork_zygote(self) -> int:
+        """fork() for the zygote: as init of a new PID namespace nested in ours, where a run
+        finds no process but its own and the zygote, which as init of the namespace ignores
+        every signal it has no handler for (and, when root, has another uid than runs). Where
+        the kernel refuses that namespace, a plain fork: runs then share ours."""
+        self.runs_pid_ns = False
+        if self.pid_ns:
+            try:
+                if self.worker_pid_ns_fd < 0:  # while /proc is still our procfs
+                    self.worker_pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                self.libc.unshare(CLONE_NEWPID)
+                self.runs_pid_ns = True
+            except OSError as exc:
+                refused = f"runs share the worker's PID namespace ({exc.strerror or exc})"
+                if refused not in self.fallbacks:
+                    self.fallbacks.append(refused)
+        pid = -1
+        try:
+            pid = _fork_without_hooks()
+        finally:
+            if pid != 0 and self.runs_pid_ns:
+                # Our later children (a new zygote) are born in our own namespace again.
+                self.libc.setns(self.worker_pid_ns_fd, CLONE_NEWPID)
+        return pid
+
+    def mount_runs_proc(self) -> bool:
+        """In the zygote: a procfs of the runs' namespace on /proc (read-only, as the rest), so
+        that the pids a run finds there are its own. The worker keeps its own by descriptor."""
+        if not (self.runs_pid_ns and self.mount_ns):
+            return False
+        try:
+            self.libc.mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            return False
+        return True
+
+    def unmount_runs_proc(self) -> None:
+        """The procfs of a dead zygote's namespace, before a new zygote mounts its own."""
+        if self.runs_proc:
+            self.libc.umount("/proc")
+            self.runs_proc = False
+
     # -- per run --------------------------------------------------------------------------------
 
     def drop_privileges(self) -> None:
@@ -1139,10 +1187,16 @@ class _Isolation:
             self._mount_private_tmp()
 
     def describe(self, probe: dict) -> dict:
-        layers = []
+        layers, fallbacks = [], list(self.fallbacks)
         if self.user_ns:
             layers.append("user namespace")
-        if self.pid_ns:
+        if self.runs_pid_ns:
+            layers.append(
+                "PID namespace (runs get one nested in the worker's, whose init is the zygote: "
+                "a run can signal no process but its own; after each run every other process "
+                "in it is killed with kill(-1) and reaped)"
+            )
+        elif self.pid_ns:
             layers.append(
                 "PID namespace (the worker is its init; after each run every other process in "
                 "it is killed with kill(-1) and reaped)"
@@ -1154,6 +1208,10 @@ class _Isolation:
             if not self.minimal_root and self.read_only:
                 view += ", read-only"
             proc = "own procfs" if self.fresh_proc else "host procfs"
+            if self.runs_proc:
+                proc = "the runs' own procfs"
+            elif self.runs_pid_ns:
+                fallbacks.append("runs see the worker's procfs (their own refused), not own pids")
             layers.append(f"mount namespace ({view}, {proc}, private tmpfs /tmp)")
         layers.append(
             f"untrusted code as uid {probe['uid']} with CapEff={probe['cap_eff']}, "
@@ -1162,7 +1220,7 @@ class _Isolation:
         layers.append("rlimits (cpu, address space, file size, open files, processes, core)")
         layers.append("own working directory, scrubbed environment, stdin /dev/null")
         layers.append("output drained and capped; no seccomp filter")
-        return {"layers": layers, "fallbacks": list(self.fallbacks), "probe": probe}
+        return {"layers": layers, "fallbacks": fallbacks, "probe": probe}
 
 
 def _fork_without_hooks() -> int:
@@ -1379,7 +1437,7 @@ class _Zygote:
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = _fork_without_hooks()
+        pid = self.iso.fork_zygote()
         if pid == 0:
             try:
                 ours.close()
@@ -1390,6 +1448,7 @@ class _Zygote:
                 os._exit(1)
         theirs.close()
         self.sock, self.pid = ours, pid
+        _, self.iso.runs_proc = self._receive(self.SPAWN_LIMIT)  # ("ready", procfs mounted)
 
     def spawn(self, spec, fds, run_dir, limits, report_fd) -> _Child:
         for attempt in range(2):
@@ -1414,10 +1473,13 @@ class _Zygote:
             socket.send_fds(self.sock, [request], [spec_fd, *sources])
         finally:
             os.close(spec_fd)
-        reply = self._receive(self.SPAWN_LIMIT)
-        if reply[0] != "spawned":
+        # Its pid is one of the runs' namespace, not ours: the zygote sends a pidfd with it.
+        reply, pidfds = self._receive_with_fds(self.SPAWN_LIMIT)
+        if reply[0] != "spawned" or len(pidfds) != 1:
+            for fd in pidfds:
+                os.close(fd)
             raise OSError(errno.EAGAIN, f"the zygote could not fork: {reply[1]}")
-        return _Child(reply[1], os.pidfd_open(reply[1]), _cpu_limit(limits))
+        return _Child(reply[1], pidfds[0], _cpu_limit(limits))
 
     def end(self, child: _Child) -> None:
         try:
@@ -1429,14 +1491,22 @@ class _Zygote:
             self._restart(child)
 
     def _receive(self, limit: float) -> tuple:
+        reply, fds = self._receive_with_fds(limit)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def _receive_with_fds(self, limit: float) -> tuple[tuple, list[int]]:
+        import socket
+
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         if not poller.poll(limit * 1000):
             raise _ZygoteLost("no answer")
-        message = self.sock.recv(1 << 16)
+        message, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
         if not message:
             raise _ZygoteLost("exited")
-        return pickle.loads(message)
+        return pickle.loads(message), fds
 
     def _restart(self, run: _Child | None = None) -> None:
         """As init of the namespace: kill every other process (zygote and run), reap them all,
@@ -1444,6 +1514,7 @@ class _Zygote:
         _signal_quietly(-1)
         _reap_all_children(run)
         self.sock.close()
+        self.iso.unmount_runs_proc()
         self.start()
 
 
@@ -1451,7 +1522,13 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
     """Body of the zygote: fork each run's process on request; end the run on request."""
     import socket
 
-    iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
+    # A process group of its own, in the runs' namespace: killpg of the parent's group is then
+    # a signal to the zygote, not one to the whole run (the worker's group is not visible).
+    os.setsid()
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the worker's handler: no business here
+    if not iso.runs_pid_ns:  # as init of the runs' namespace it is their reaper anyway
+        iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
+    sock.send(pickle.dumps(("ready", iso.mount_runs_proc())))
     _set_per_worker_limits()
     gc.freeze()
     run = None
@@ -1472,7 +1549,12 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
             for fd in fds:
                 os.close(fd)
             run = _Child(pid, None, _cpu_limit(limits)) if pid > 0 else None
-            sock.send(pickle.dumps(("spawned", pid) if pid > 0 else ("error", error)))
+            if run is None:
+                sock.send(pickle.dumps(("error", error)))
+                continue
+            pidfd = os.pidfd_open(pid)
+            socket.send_fds(sock, [pickle.dumps(("spawned", pid))], [pidfd])
+            os.close(pidfd)
         elif request[0] == "end":
             _signal_quietly(-1)  # every process of the run: all others in the namespace but init
             _reap_all_children(run)
