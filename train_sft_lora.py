@@ -103,11 +103,11 @@ from coderl.training import (
     count_trainable,
     finish,
     load_policy,
+    masked_token_logprobs,
     pack_sequences,
     restore,
     save,
     start_run,
-    token_logprobs,
     trainable_parameters,
     validate,
     validate_common,
@@ -322,9 +322,9 @@ def collate(examples: Sequence[Example], pad_id: int, device=None):
 
 
 def summed_token_nll(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
-    """Sum over the batch of -log p(target token | everything before it), prompt masked out."""
-    logprobs = token_logprobs(model, input_ids, attention_mask)
-    return -(logprobs * loss_mask).sum()
+    """Sum over the batch of -log p(target token | everything before it), prompt masked out
+    (the output head and the log-softmax run on the target positions only)."""
+    return -masked_token_logprobs(model, input_ids, attention_mask, loss_mask).sum()
 
 
 def steps_for_epochs(num_examples: int, epochs: float, examples_per_step: int) -> int:

@@ -415,6 +415,34 @@ def token_logprobs(
     return logprobs, entropy
 
 
+def masked_token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """log p(x_t | x_<t) of the tokens where ``mask`` (B x T-1, as :func:`token_logprobs`) is 1,
+    as one flat tensor in row-major order.
+
+    The same numbers as ``token_logprobs(...)[mask.bool()]``, for less: the output head runs only
+    from the first column any row needs (``logits_to_keep``; in SFT the prompt, most of each row,
+    needs none), and only the masked positions are upcast to float32 and normalised over the
+    vocabulary.
+    """
+    width = input_ids.shape[1]
+    needed = mask.bool()
+    columns = needed.any(dim=0).nonzero()
+    if len(columns) == 0:
+        return torch.zeros(0, device=input_ids.device)
+    first = int(columns[0])
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    try:
+        logits = model(**inputs, logits_to_keep=width - first).logits
+    except TypeError:  # a model whose forward has no logits_to_keep
+        logits = model(**inputs).logits[:, first:]
+    needed = needed[:, first:]
+    selected = logits[:, :-1][needed].float()  # (tokens, vocabulary)
+    targets = input_ids[:, first + 1 :][needed]
+    return torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def pack_sequences(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],

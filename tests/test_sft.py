@@ -181,6 +181,35 @@ def test_batch_masks_the_prompt_and_padding(tiny_model_dir, toy_data_dir):
         assert loss_mask[row].tolist() == [0.0] * (p - 1) + [1.0] * (n - p) + [0.0] * (width - n)
 
 
+@pytest.mark.parametrize("mode", ["base", "instruct"])
+def test_loss_on_target_positions_only_equals_the_full_vocabulary_loss(
+    tiny_model_dir, toy_data_dir, mode
+):
+    """The output head and log-softmax run on the target positions only; loss and gradients are
+    those of the full computation (every position's log-softmax, masked after)."""
+    from coderl.models import add_adapter, load_model
+    from coderl.training import token_logprobs
+
+    model, tokenizer = load_model(tiny_model_dir)
+    model = add_adapter(model, "lora", r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    tasks = [python_task(toy_data_dir, 0), python_task(toy_data_dir, 1), cpp_task(toy_data_dir)]
+    examples = [sft.encode_example(t, tokenizer, mode) for t in tasks]
+    input_ids, attention, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = sft.summed_token_nll(model, input_ids, attention, loss_mask)
+    fast_grads = torch.autograd.grad(fast, params)
+    full = -(token_logprobs(model, input_ids, attention) * loss_mask).sum()
+    full_grads = torch.autograd.grad(full, params)
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-4)
+    for got, want in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert fast.item() > 0 and loss_mask.sum() < loss_mask.numel()
+
+
 def test_overlong_examples_are_dropped_or_truncated_and_counted(tiny_model_dir, toy_data_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:30]
