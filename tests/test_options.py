@@ -26,6 +26,7 @@ SCRIPTS = (
     "prepare_data",
     "build_tiny_model",
     "plot_training",
+    "prepare_model",
 )
 CONFIG_SCRIPTS = {
     "sft": "train_sft_lora",
@@ -186,15 +187,23 @@ def test_help_shows_each_range(script, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_main_exits_2_with_one_line_before_doing_anything(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # whatever a broken check lets through writes here, not in the repo
-    name, kind, allowed = ranged_options(script)[0]
-    value = outside_values(kind, allowed)[0]
+    if ranged := ranged_options(script):
+        name, kind, allowed = ranged[0]
+        value = outside_values(kind, allowed)[0]
+        argv, message = (
+            [f"--{name}={value!r}"],
+            f"error: --{name} must be in {allowed.text}, got {value!r}",
+        )
+    else:  # no numeric option: an unknown one
+        argv, message = (
+            ["--no_such_option=1"],
+            "error: unknown option(s): --no_such_option=1 (see --help)",
+        )
     capsys.readouterr()  # drop what importing the script printed
     with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(script).main([f"--{name}={value!r}"])
+        importlib.import_module(script).main(argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"error: --{name} must be in {allowed.text}, got {value!r}"
-    ]
+    assert capsys.readouterr().err.splitlines() == [message]
     assert list(tmp_path.iterdir()) == []
 
 

