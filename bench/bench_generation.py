@@ -1,25 +1,34 @@
-"""Tokens per second of ``coderl.generation.generate``: the current decode path against the old one.
+"""Tokens per second of ``coderl.generation.generate`` against plain ``model.generate`` and the old path.
 
-The old path is kept here as the reference (:func:`reference_generate_batch`, the implementation
-before the vectorised sampler): ``model.generate`` in greedy mode with a logits processor that
-calls ``torch.multinomial`` once per row per step with the row's own ``torch.Generator``, and a
-stopping criterion that decodes every row's tail with ``tokenizer.decode`` once per stop string per
-step. The new path is the module as it is: one inverse-CDF draw for the whole batch from per-row
-uniform streams, and one Rust-level decode per live row per step.
+Three paths on the same batch (``--num_prompts`` toy Python function tasks, one generate call of
+that many rows, left-padded alike) and the same seeds:
 
-Both run in this one process on the same tiny model, the same prompts (``--num_prompts`` toy
-Python function tasks, one generate call of that many rows) and the same seeds, alternating old,
-new, old, new... so that a change in machine load hits both alike. Every row generates exactly
-``--max_new_tokens`` tokens: the end tokens are masked out of the logits by a hook on the output
-head, while the base-mode stop strings stay on (on a random model they rarely match, so the
-criterion pays its full price every step). Two settings: sampling (``--temperature``,
-``--top_p``) and greedy. Greedy outputs of the two paths must be identical, and the run checks
-it. Printed: median tokens per second of each path over ``--repeats`` measured calls after
-``--warmup`` unmeasured ones, and the ratio new / old; the same per CPU second of this process
-(a figure less sensitive to other load on a shared machine).
+* ``new``: the module as it is: one inverse-CDF draw for the whole batch from per-row uniform
+  streams (each row reproducible whatever the batch), and one Rust-level decode per live row per
+  step for the stop strings;
+* ``hf``: what a user would otherwise write: plain ``model.generate`` with its own sampling
+  (``do_sample=True``, temperature, top-p, ``top_k=0``) and its own ``stop_strings``
+  (:func:`hf_generate_batch`); one random stream for the batch, so not reproducible per row;
+* ``old``: the implementation before the vectorised sampler, kept here as a reference
+  (:func:`reference_generate_batch`): ``model.generate`` in greedy mode with a logits processor
+  that calls ``torch.multinomial`` once per row per step with the row's own ``torch.Generator``,
+  and a stopping criterion that decodes every row's tail once per stop string per step.
+
+They alternate old, new, hf, old, new, hf... so that a change in machine load hits all alike.
+Every row generates exactly ``--max_new_tokens`` tokens: the end tokens are masked out of the
+logits by a hook on the output head. With ``--stops base`` (the default) the base-mode stop
+strings stay on (on a random model they rarely match, so the criteria pay their full price every
+step); a real model would match them and end rows early, so give it ``--stops none``. Two
+settings: sampling (``--temperature``, ``--top_p``) and greedy. Greedy outputs of the three paths
+must be identical, and the run checks it. Printed: median tokens per second of each path over
+``--repeats`` measured calls after ``--warmup`` unmeasured ones, and the ratios new / old and
+new / hf; the same per CPU second of this process (less sensitive to other load on a shared
+machine).
 
     OMP_NUM_THREADS=1 python bench/bench_generation.py
     OMP_NUM_THREADS=1 python bench/bench_generation.py --model /tmp/gen-tiny --repeats 5
+    python bench/bench_generation.py --model checkpoints/smollm2-135m-instruct --stops none \
+        --num_prompts 16
 
 The old path can stand in for the new one anywhere, e.g. to time a whole RL step before and
 after (``bench/bench_rl_step.py``)::
@@ -68,6 +77,14 @@ class BenchOptions:
     warmup: int = field(default=1, metadata={"help": "Unmeasured calls per path and setting."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for both paths)."})
+    stops: str = field(
+        default="base",
+        metadata={
+            "help": "Stop strings: 'base' (the base-mode ones, rarely matched by a random model) "
+            "or 'none' (for a real model, which would match them and end rows early).",
+            "choices": ["base", "none"],
+        },
+    )
     output: str = field(default="", metadata={"help": "Write the figures to this JSON file."})
 
 
@@ -155,20 +172,56 @@ def reference_generate_batch(
     ]
 
 
+def hf_generate_batch(
+    model, tokenizer, prompts, seeds, stops, cfg, end_ids, pad_id
+) -> list[tuple[str, list[int], str]]:
+    """What a user would otherwise write: plain ``model.generate`` with its own sampling
+    (``do_sample``, temperature, top-p, top-k off) and its own ``stop_strings``, on the same
+    left-padded batch. Not reproducible per row (one random stream for the batch), so only its
+    greedy outputs can be compared with ours."""
+    device = next(model.parameters()).device
+    input_ids, mask = generation._left_pad(prompts, pad_id, device)
+    sampling = (
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        if cfg.temperature > 0
+        else {"do_sample": False}
+    )
+    stop_strings = sorted({s for row in stops for s in row})
+    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+    with generation._plain_generation_config(model, end_ids, pad_id), torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            num_beams=1,
+            use_cache=True,
+            **sampling,
+            **extra,
+        )
+    generated = sequences[:, input_ids.shape[1] :].tolist()
+    return [
+        generation.finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)
+    ]
+
+
 def use_reference_generation() -> None:
     """From now on, ``coderl.generation.generate`` decodes with the old path."""
     generation._generate_batch = reference_generate_batch
 
 
 @contextlib.contextmanager
-def reference_generation():
-    """``coderl.generation.generate`` decodes with the old path inside this block."""
+def reference_generation(batch_function=reference_generate_batch):
+    """``coderl.generation.generate`` decodes with ``batch_function`` (by default the old path)
+    inside this block."""
     current = generation._generate_batch
-    generation._generate_batch = reference_generate_batch
+    generation._generate_batch = batch_function
     try:
         yield
     finally:
         generation._generate_batch = current
+
+
+SIDES = {"old": reference_generate_batch, "new": None, "hf": hf_generate_batch}
 
 
 # --------------------------------------------------------------------------- the race
@@ -185,41 +238,48 @@ def load_tiny_model(folder: str, workdir: Path):
     return model.eval(), tokenizer
 
 
-def timed_generate(model, tokenizer, tasks, cfg, seed: int, old: bool):
+def timed_generate(model, tokenizer, tasks, cfg, seed: int, side: str):
     """``(wall seconds, CPU seconds of this process, completions)`` of one generate call."""
-    with reference_generation() if old else contextlib.nullcontext():
+    batch_function = SIDES[side]
+    with reference_generation(batch_function) if batch_function else contextlib.nullcontext():
         wall, cpu = time.perf_counter(), time.process_time()
         completions = generation.generate(model, tokenizer, tasks, cfg, seed=seed)
         return time.perf_counter() - wall, time.process_time() - cpu, completions
 
 
 def race(model, tokenizer, tasks, cfg, opts: BenchOptions) -> dict:
-    """Alternate old and new calls; median tokens per wall second and per CPU second of each."""
-    wall: dict[str, list[float]] = {"old": [], "new": []}
-    cpu: dict[str, list[float]] = {"old": [], "new": []}
+    """Alternate old, new and hf calls; median tokens per wall second and per CPU second of each."""
+    wall: dict[str, list[float]] = {side: [] for side in SIDES}
+    cpu: dict[str, list[float]] = {side: [] for side in SIDES}
     outputs: dict[str, list] = {}
     tokens = len(tasks) * cfg.max_new_tokens
     for call in range(opts.warmup + opts.repeats):
-        for side in ("old", "new"):
+        for side in SIDES:
             elapsed, busy, completions = timed_generate(
-                model, tokenizer, tasks, cfg, opts.seed, old=side == "old"
+                model, tokenizer, tasks, cfg, opts.seed, side
             )
             made = sum(c.num_tokens for c in completions)
             if made != tokens:
-                raise RuntimeError(f"{side}: {made} tokens, expected every row to run to the end")
+                raise RuntimeError(
+                    f"{side}: {made} tokens, expected every row to run to the end "
+                    "(a stop string matched: try --stops none)"
+                )
             outputs[side] = completions
             if call >= opts.warmup:
                 wall[side].append(elapsed)
                 cpu[side].append(busy)
     result: dict = {"tokens": tokens, "wall_seconds": wall, "cpu_seconds": cpu}
-    for side in ("old", "new"):
+    for side in SIDES:
         result[side] = tokens / statistics.median(wall[side])
         result[f"{side}_per_cpu_second"] = tokens / statistics.median(cpu[side])
-    result["ratio_new_over_old"] = result["new"] / result["old"]
-    result["cpu_ratio_new_over_old"] = result["new_per_cpu_second"] / result["old_per_cpu_second"]
-    result["identical_outputs"] = [c.token_ids for c in outputs["old"]] == [
-        c.token_ids for c in outputs["new"]
-    ]
+    for other in ("old", "hf"):
+        result[f"ratio_new_over_{other}"] = result["new"] / result[other]
+        result[f"cpu_ratio_new_over_{other}"] = (
+            result["new_per_cpu_second"] / result[f"{other}_per_cpu_second"]
+        )
+    ids = {side: [c.token_ids for c in outputs[side]] for side in SIDES}
+    result["identical_outputs"] = ids["old"] == ids["new"]
+    result["identical_to_hf"] = ids["hf"] == ids["new"]
     return result
 
 
@@ -235,34 +295,37 @@ def main(argv=None) -> None:
         model, tokenizer = load_tiny_model(opts.model, Path(tmp))
     suppress_end_tokens(model, generation.end_token_ids(model, tokenizer))
     tasks = toy_tasks(opts.num_prompts, opts.seed)
+    stop = None if opts.stops == "base" else ()
     settings = {
         "sampled": generation.SamplingConfig(
             max_new_tokens=opts.max_new_tokens,
             temperature=opts.temperature,
             top_p=opts.top_p,
             batch_size=opts.num_prompts,
+            stop=stop,
         ),
         "greedy": generation.SamplingConfig(
-            max_new_tokens=opts.max_new_tokens, batch_size=opts.num_prompts
+            max_new_tokens=opts.max_new_tokens, batch_size=opts.num_prompts, stop=stop
         ),
     }
     summary = {"options": asdict(opts), "torch": torch.__version__, "threads": opts.threads}
     print(
-        f"{opts.num_prompts} prompts x {opts.max_new_tokens} new tokens, {opts.threads} thread(s)"
+        f"{opts.num_prompts} prompts x {opts.max_new_tokens} new tokens, {opts.threads} "
+        f"thread(s), stop strings: {opts.stops}"
     )
     print(
-        "| setting | old tokens/s | new tokens/s | new / old | old tokens/CPU-s | "
-        "new tokens/CPU-s | new / old (CPU) |\n| --- | --- | --- | --- | --- | --- | --- |"
+        "| setting | old tokens/s | hf tokens/s | new tokens/s | new / old | new / hf | "
+        "new / old (CPU) | new / hf (CPU) |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     for name, cfg in settings.items():
         result = race(model, tokenizer, tasks, cfg, opts)
-        if name == "greedy" and not result["identical_outputs"]:
-            raise RuntimeError("greedy outputs of the old and new paths differ")
+        if name == "greedy" and not (result["identical_outputs"] and result["identical_to_hf"]):
+            raise RuntimeError("greedy outputs of the three paths differ")
         summary[name] = result
         print(
-            f"| {name} | {result['old']:.0f} | {result['new']:.0f} | "
-            f"{result['ratio_new_over_old']:.2f} | {result['old_per_cpu_second']:.0f} | "
-            f"{result['new_per_cpu_second']:.0f} | {result['cpu_ratio_new_over_old']:.2f} |"
+            f"| {name} | {result['old']:.0f} | {result['hf']:.0f} | {result['new']:.0f} | "
+            f"{result['ratio_new_over_old']:.2f} | {result['ratio_new_over_hf']:.2f} | "
+            f"{result['cpu_ratio_new_over_old']:.2f} | {result['cpu_ratio_new_over_hf']:.2f} |"
         )
     if opts.output:
         Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
