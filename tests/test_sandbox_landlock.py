@@ -1,4 +1,4 @@
-"""The Landlock layer: what a run cannot do even where namespaces are refused.
+"""The Landlock and seccomp layers: what a run cannot do even where namespaces are refused.
 
 A Sandbox is started in a process of its own, the "caller" (a training process), which holds a
 secret in its environment. In the ``unprivileged`` case the caller is an ordinary user (an unused
@@ -11,8 +11,8 @@ Each hostile job is a task whose test passes only if the attack worked (it retur
 file's content, "connected", "killed"...): a pass is a leak. Every hostile job must get a verdict
 other than ``passed`` (and not ``infra_error``), the caller and the worker must survive, the host's
 files must be untouched, no connection may reach the test's listeners, and the honest jobs of the
-same batch must pass. ``CODERL_SANDBOX_SWITCH_OFF=landlock`` starts the workers without the layer,
-to see what it stops.
+same batch must pass. ``CODERL_SANDBOX_SWITCH_OFF=landlock`` (or ``seccomp``) starts the workers
+without that layer, to see what it stops.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -123,6 +124,10 @@ class Host:
         self.unix.listen()
         for listener in (self.tcp, self.unix):
             threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp_port = self.udp.getsockname()[1]
+        threading.Thread(target=self._receive, daemon=True).start()
         self.victim = subprocess.Popen(["sleep", "300"], user=uid, group=uid, extra_groups=[])
 
     def _accept(self, listener) -> None:
@@ -134,10 +139,18 @@ class Host:
             self.accepted.append(str(listener.family))
             connection.close()
 
+    def _receive(self) -> None:
+        while True:
+            try:
+                self.udp.recv(1024)
+            except OSError:
+                return
+            self.accepted.append("udp")
+
     def close(self) -> None:
         self.victim.kill()
         self.victim.wait()
-        for listener in (self.tcp, self.unix):
+        for listener in (self.tcp, self.unix, self.udp):
             listener.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         if os.path.exists(self.tmp_file):
@@ -179,6 +192,29 @@ def hostile_jobs(host: Host) -> dict[str, tuple[dict, str]]:
         '  if (f) fgets(s, sizeof s, f);\n  printf("%s\\n", s);\n}\n'
     )
     jobs = [
+        (
+            "send a UDP datagram to 127.0.0.1",
+            function_task("udp", "sent"),
+            body(
+                "import socket",
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+                f"s.sendto(b'leak', ('127.0.0.1', {host.udp_port}))",
+                "return 'sent'",
+            ),
+        ),
+        ("ptrace (its own child)", function_task("ptrace", "traced"), PTRACE_OWN_CHILD),
+        ("process_vm_readv (of itself)", function_task("vm-read", "read"), VM_READ_SELF),
+        (
+            "io_uring",
+            function_task("io-uring", "opened"),
+            body(
+                "import ctypes",
+                "libc = ctypes.CDLL(None, use_errno=True)",
+                "params = ctypes.create_string_buffer(120)",
+                "fd = libc.syscall(425, 4, params)",
+                "return 'opened' if fd >= 0 else ctypes.get_errno()",
+            ),
+        ),
         ("read the caller's environ", function_task("environ", host.token), read_env),
         (
             "read a file of the same uid outside the run",
@@ -262,9 +298,55 @@ def hostile_jobs(host: Host) -> dict[str, tuple[dict, str]]:
             f"print(open({host.secret_file!r}).read())\n",
         ),
     ]
+    if platform.machine() == "x86_64":
+        jobs.append(
+            (
+                "another architecture's system call",
+                function_task("foreign", "ran"),
+                FOREIGN_SYSCALL,
+            )
+        )
     return {name: (task, completion) for name, task, completion in jobs}
 
 
+PTRACE_OWN_CHILD = body(
+    "import ctypes, os",
+    "child = os.fork()",
+    "if child == 0:",
+    "    traced = ctypes.CDLL(None, use_errno=True).ptrace(0, 0, 0, 0) == 0  # PTRACE_TRACEME",
+    "    os._exit(0 if traced else 1)",
+    "_, status = os.waitpid(child, 0)",
+    "return 'traced' if os.waitstatus_to_exitcode(status) == 0 else 'refused'",
+)
+VM_READ_SELF = body(
+    "import ctypes, os",
+    "class IoVec(ctypes.Structure):",
+    "    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]",
+    "source, target = ctypes.create_string_buffer(b'memory'), ctypes.create_string_buffer(6)",
+    "local = IoVec(ctypes.cast(target, ctypes.c_void_p), 6)",
+    "remote = IoVec(ctypes.cast(source, ctypes.c_void_p), 6)",
+    "libc = ctypes.CDLL(None, use_errno=True)",
+    "libc.process_vm_readv.restype = ctypes.c_ssize_t",
+    "got = libc.process_vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)",
+    "return 'read' if got == 6 and target.raw == b'memory' else ctypes.get_errno()",
+)
+# i386's getpid through int 0x80: a system call of another architecture's table.
+FOREIGN_SYSCALL = body(
+    "import ctypes, mmap",
+    "code = bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3])  # mov eax, 20; int 0x80; ret",
+    "page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)",
+    "page.write(code)",
+    "address = ctypes.addressof(ctypes.c_char.from_buffer(page))",
+    "ctypes.CFUNCTYPE(ctypes.c_int)(address)()",
+    "return 'ran'",
+)
+SECCOMP_ATTACKS = (
+    "send a UDP datagram to 127.0.0.1",
+    "ptrace (its own child)",
+    "process_vm_readv (of itself)",
+    "io_uring",
+    *(("another architecture's system call",) if platform.machine() == "x86_64" else ()),
+)
 # Attacks whose success ends the caller or the worker: each runs in a batch of its own.
 LETHAL = (
     "kill the worker's parent (the caller)",
@@ -286,10 +368,21 @@ ATTACKS = (
     "C++: read a file of the same uid",
     "Python program: read a file of the same uid",
     *LETHAL,
+    *SECCOMP_ATTACKS,
 )
 
 HONEST = [
     ("honest function", function_task("honest", 0), body("return x * 2")),
+    (
+        "honest use of an AF_UNIX socket pair",
+        function_task("honest-unix", 0),
+        body(
+            "import socket",
+            "a, b = socket.socketpair()",
+            "a.send(b'x')",
+            "return x * 2 if b.recv(1) == b'x' else -1",
+        ),
+    ),
     (
         "honest Python program",
         stdio_task("honest-py", "python", "6"),
