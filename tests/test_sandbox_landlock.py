@@ -498,3 +498,63 @@ def test_the_host_is_untouched(outcome):
     assert not outcome["new file"] and not outcome["tmp file"]
     assert outcome["accepted"] == []
     assert outcome["victim alive"]
+
+
+def test_describe_names_each_layer_or_why_it_is_missing(monkeypatch):
+    from sandbox import Sandbox
+
+    abi = landlock_abi()
+    with Sandbox(workers=1, timeout=TIMEOUT) as box:
+        layers, _, fallback = box.describe().partition("FALLBACK")
+    parts = "fs" + (", tcp" if abi >= 4 else "") + (", scope" if abi >= 6 else "")
+    assert f"landlock ABI {abi} ({parts}:" in layers, layers
+    assert "seccomp filter (EPERM: socket() but AF_UNIX" in layers, layers
+    monkeypatch.setenv("CODERL_SANDBOX_SWITCH_OFF", "landlock,seccomp")
+    with Sandbox(workers=1, timeout=TIMEOUT) as box:
+        layers, _, fallback = box.describe().partition("FALLBACK")
+    assert "landlock" not in layers and "seccomp filter (" not in layers, layers
+    assert "no Landlock (switched off by $CODERL_SANDBOX_SWITCH_OFF)" in fallback, fallback
+    assert "no seccomp filter (switched off by $CODERL_SANDBOX_SWITCH_OFF)" in fallback, fallback
+
+
+@pytest.mark.parametrize(
+    ("abi", "handled", "missing"),
+    [
+        (1, 0x1FFF, ["TCP", "signals"]),
+        (2, 0x3FFF, ["TCP", "signals"]),
+        (3, 0x7FFF, ["TCP", "signals"]),
+        (4, 0x7FFF, ["signals"]),
+        (5, 0xFFFF, ["signals"]),
+        (6, 0xFFFF, []),
+        (7, 0xFFFF, []),
+    ],
+)
+def test_only_the_rights_an_abi_knows_are_handled(tmp_path, abi, handled, missing):
+    """The kernel refuses a ruleset naming rights it does not know: each ABI version's ruleset
+    is the one its kernel accepts (those up to this kernel's are tried here, in a child)."""
+    import sandbox
+
+    assert sandbox._landlock_handled_fs(abi) == handled
+    landlock = sandbox._Landlock(sandbox._Libc(), switched_off=False)
+    landlock.abi = abi
+    _, said = landlock.describe()
+    assert [word for word in ("TCP", "signals") if any(word in line for line in said)] == missing
+    if abi > landlock_abi():
+        return
+    landlock.read_dirs = ("/usr",)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ruleset = landlock.prepare(str(tmp_path))
+            landlock.libc.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            landlock.enforce(ruleset)
+            os.listdir(tmp_path)
+            try:
+                os.listdir("/etc")
+            except PermissionError:
+                os._exit(0)
+            os._exit(2)  # the domain does not hold
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
