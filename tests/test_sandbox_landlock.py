@@ -217,6 +217,14 @@ def hostile_jobs(host: Host) -> dict[str, tuple[dict, str]]:
         ),
         ("read the caller's environ", function_task("environ", host.token), read_env),
         (
+            "read the caller's command line",
+            function_task("cmdline", host.token),
+            body(
+                "with open('/proc/CALLER_PID/cmdline', 'rb') as handle:",
+                "    return handle.read().split(b'\\0')[-2].decode()",
+            ),
+        ),
+        (
             "read a file of the same uid outside the run",
             function_task("read", host.token),
             body(f"return open({host.secret_file!r}).read()"),
@@ -356,6 +364,7 @@ LETHAL = (
 )
 ATTACKS = (
     "read the caller's environ",
+    "read the caller's command line",
     "read a file of the same uid outside the run",
     "write into /tmp",
     "overwrite a file of the same uid",
@@ -426,7 +435,7 @@ def run_caller(user: str, isolation: str, host: Host, jobs: list) -> dict:
     if os.environ.get("CODERL_SANDBOX_SWITCH_OFF"):
         env["CODERL_SANDBOX_SWITCH_OFF"] = os.environ["CODERL_SANDBOX_SWITCH_OFF"]
     finished = subprocess.run(
-        [python, "-c", CALLER, isolation],
+        [python, "-c", CALLER, isolation, host.token],  # a secret on its command line too
         input=json.dumps([[task, completion] for _, task, completion in jobs]),
         capture_output=True,
         text=True,
