@@ -1299,15 +1299,30 @@ class _Isolation:
         if self.minimal_root:  # the names in it are those of the visible tree and private /tmp
             self.landlock.list_dirs = ("/",)
             self.landlock.whole_proc = self.fresh_proc
+        self.fallbacks += self._what_stands_in_for_namespaces()
+
+    def _what_stands_in_for_namespaces(self) -> list[str]:
+        """The fallback lines of missing namespaces, naming what Landlock and seccomp (when
+        active) still refuse there."""
+        landlock, lines = self.landlock.abi, []
         if not self.read_only:
-            self.fallbacks.append(
-                "no private read-only file system: host files guarded by permissions only, "
+            guard = "Landlock" if landlock else "permissions only"
+            lines.append(
+                f"no private read-only file system: host files guarded by {guard}, "
                 "a throwaway directory per run"
             )
         if not self.net_ns:
-            self.fallbacks.append("no network namespace: the network is reachable")
+            if landlock >= 4 and self.seccomp.program is not None:
+                lines.append(
+                    "no network namespace: TCP refused by Landlock, other sockets but AF_UNIX "
+                    "by seccomp; unix sockets bound to a path are reachable"
+                )
+            else:
+                lines.append("no network namespace: the network is reachable")
         if self.candidate_uid is None and not self.user_ns:
-            self.fallbacks.append("untrusted code runs as the caller's own uid")
+            shield = ", whose other processes Landlock shields from it" if landlock >= 6 else ""
+            lines.append(f"untrusted code runs as the caller's own uid{shield}")
+        return lines
 
     def _enter_namespaces(self) -> None:
         try:

@@ -518,12 +518,18 @@ def test_describe_names_each_layer_or_why_it_is_missing(monkeypatch):
     parts = "fs" + (", tcp" if abi >= 4 else "") + (", scope" if abi >= 6 else "")
     assert f"landlock ABI {abi} ({parts}:" in layers, layers
     assert "seccomp filter (EPERM: socket() but AF_UNIX" in layers, layers
+    with Sandbox(workers=1, timeout=TIMEOUT, isolation="basic") as box:
+        fallback = box.describe().partition("FALLBACK")[2]
+    assert "host files guarded by Landlock" in fallback, fallback
+    if abi >= 4:
+        assert "TCP refused by Landlock, other sockets but AF_UNIX by seccomp" in fallback
     monkeypatch.setenv("CODERL_SANDBOX_SWITCH_OFF", "landlock,seccomp")
-    with Sandbox(workers=1, timeout=TIMEOUT) as box:
+    with Sandbox(workers=1, timeout=TIMEOUT, isolation="basic") as box:
         layers, _, fallback = box.describe().partition("FALLBACK")
     assert "landlock" not in layers and "seccomp filter (" not in layers, layers
     assert "no Landlock (switched off by $CODERL_SANDBOX_SWITCH_OFF)" in fallback, fallback
     assert "no seccomp filter (switched off by $CODERL_SANDBOX_SWITCH_OFF)" in fallback, fallback
+    assert "guarded by permissions only" in fallback and "the network is reachable" in fallback
 
 
 @pytest.mark.parametrize(
