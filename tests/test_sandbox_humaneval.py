@@ -39,6 +39,15 @@ def test_all_164_canonical_solutions_pass(box, tasks):
     assert failures == []
 
 
+def test_all_164_canonical_solutions_pass_without_namespaces(tasks):
+    """The fallback mode (namespaces refused, or not asked for) with its Landlock and seccomp
+    layers refuses nothing an honest solution needs."""
+    with Sandbox(workers=2, timeout=5.0, cache=False, isolation="basic") as sandbox:
+        results = sandbox.run_batch([(task, task["canonical_solution"]) for task in tasks])
+    failures = [(t["task_id"], r.status, r.detail) for t, r in zip(tasks, results) if not r.passed]
+    assert failures == []
+
+
 def test_mutants_are_deterministic_and_varied(tasks):
     mutants = agreement.make_mutants(tasks, per_task=2, seed=0)
     again = agreement.make_mutants(tasks, per_task=2, seed=0)
