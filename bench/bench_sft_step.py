@@ -50,6 +50,7 @@ of our previous step to its ``on_step_end``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -289,10 +290,21 @@ def build_ours(args: BenchArgs, model_dir: Path, workdir: Path):
     model, optimizer = run.accelerator.prepare(model, optimizer)
     model.train()
     clock = StepClock()
-    # train_step looks both up at call time: timing wrappers, the computation unchanged
-    train_sft_lora.summed_token_nll = clock.timed(train_sft_lora.summed_token_nll, "forward")
     run.accelerator.backward = clock.timed(run.accelerator.backward, "backward")
     return Ours(run, model, optimizer, scheduler, tokenizer.pad_token_id, clock), tokenizer
+
+
+@contextlib.contextmanager
+def forward_timed(clock: StepClock):
+    """train_step looks ``summed_token_nll`` up at call time: time it there, then put it back."""
+    import train_sft_lora
+
+    original = train_sft_lora.summed_token_nll
+    train_sft_lora.summed_token_nll = clock.timed(original, "forward")
+    try:
+        yield
+    finally:
+        train_sft_lora.summed_token_nll = original
 
 
 # --------------------------------------------------------------------------- TRL
@@ -460,7 +472,8 @@ def interleaved(args: BenchArgs, trainer, trl_clock: StepClock, ours: Ours, step
             start_trl_window()
 
     trainer.add_callback(Race())
-    trainer.train()
+    with forward_timed(ours.clock):
+        trainer.train()
     return records
 
 
