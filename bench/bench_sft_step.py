@@ -51,6 +51,7 @@ of our previous step to its ``on_step_end``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -197,6 +198,15 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def start_rss_window() -> float:
+    """Hand memory freed by the other side back to the system (glibc keeps it otherwise, and the
+    next side would reuse it unseen), reset the peak; the RSS this window starts from."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_rss()
+    return peak_rss_mib()
 
 
 def peak_rss_mib() -> float:
@@ -348,7 +358,7 @@ def build_trl(args: BenchArgs, model_dir: Path, rows: list[dict], workdir: Path)
         packing=False,
         padding_free=False,
         loss_type="nll",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=False,
         fp16=False,
         use_cpu=True,
@@ -400,6 +410,13 @@ def check_same_adapters(ours_model, trl_model) -> None:
         )
 
 
+def check_no_checkpointing(*models) -> None:
+    from coderl.models import gradient_checkpointing_on
+
+    if any(gradient_checkpointing_on(model) for model in models):
+        raise Mismatch("activation checkpointing is on for one side")
+
+
 def check_same_labels(trainer, rows: list[dict]) -> None:
     """TRL's prepared dataset holds our ids, its labels exactly our target tokens, in our order."""
     prepared = trainer.train_dataset
@@ -418,14 +435,15 @@ def relative_difference(a: float, b: float) -> float:
 # --------------------------------------------------------------------------- the race
 
 
-def side_record(total: float, clock: StepClock, rss: float) -> dict:
+def side_record(total: float, clock: StepClock, start_rss: float) -> dict:
     return {
         "step": total,
         "forward": clock.forward,
         "backward": clock.backward,
         "rest": total - clock.forward - clock.backward,
         "loss": clock.loss,
-        "peak_rss_mib": rss,
+        "start_rss_mib": start_rss,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
@@ -438,11 +456,11 @@ def interleaved(args: BenchArgs, trainer, trl_clock: StepClock, ours: Ours, step
     from transformers import TrainerCallback
 
     records = {"trl": [], "ours": []}
-    mark = {"t": 0.0}
+    mark = {"t": 0.0, "rss": 0.0}
 
     def start_trl_window() -> None:
         trl_clock.reset()
-        reset_peak_rss()
+        mark["rss"] = start_rss_window()
         mark["t"] = time.perf_counter()
 
     class Race(TrainerCallback):
@@ -454,15 +472,15 @@ def interleaved(args: BenchArgs, trainer, trl_clock: StepClock, ours: Ours, step
 
         def on_step_end(self, _args, state, _control, **_k):
             records["trl"].append(
-                side_record(time.perf_counter() - mark["t"], trl_clock, peak_rss_mib())
+                side_record(time.perf_counter() - mark["t"], trl_clock, mark["rss"])
             )
             step = state.global_step
-            reset_peak_rss()
+            start_rss = start_rss_window()
             started = time.perf_counter()
             torch.manual_seed(dropout_seed(args.seed, step))
             ours.step(steps[step - 1])
             records["ours"].append(
-                side_record(time.perf_counter() - started, ours.clock, peak_rss_mib())
+                side_record(time.perf_counter() - started, ours.clock, start_rss)
             )
             print(
                 f"step {step}: TRL {records['trl'][-1]['step']:.3f} s (loss {trl_clock.loss:.5f}), "
@@ -492,6 +510,9 @@ def summarize(args: BenchArgs, records: dict, setup_rss: float, rss_per_step: bo
         }
         out[side]["seconds_per_example"] = out[side]["step"] / examples_per_step
         out[side]["peak_rss_mib"] = max(r["peak_rss_mib"] for r in records[side])
+        out[side]["peak_rss_above_start_mib"] = max(
+            r["peak_rss_mib"] - r["start_rss_mib"] for r in records[side]
+        )
         out[side]["per_step"] = records[side]
     out["ratio_ours_over_trl"] = out["ours"]["step"] / out["trl"]["step"]
     first_ours, first_trl = records["ours"][0]["loss"], records["trl"][0]["loss"]
@@ -516,14 +537,15 @@ def summarize(args: BenchArgs, records: dict, setup_rss: float, rss_per_step: bo
 
 def report(summary: dict) -> str:
     lines = [
-        "| median | s/step | s/example | forward | backward | rest | peak RSS (MiB) |",
+        "| median | s/step | s/example | forward | backward | rest | peak RSS MiB (above start) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, name in (("ours", "this project"), ("trl", "TRL SFTTrainer")):
         s = summary[side]
         lines.append(
             f"| {name} | {s['step']:.3f} | {s['seconds_per_example']:.4f} | {s['forward']:.3f} | "
-            f"{s['backward']:.3f} | {s['rest']:.3f} | {s['peak_rss_mib']:.0f} |"
+            f"{s['backward']:.3f} | {s['rest']:.3f} | {s['peak_rss_mib']:.0f} "
+            f"({s['peak_rss_above_start_mib']:.0f}) |"
         )
     loss = summary["first_step_loss"]
     lines.append(
@@ -577,17 +599,18 @@ def main(argv=None) -> None:
         try:
             check_same_adapters(ours.model, trainer.model)
             check_same_labels(trainer, rows)
+            setup_rss = peak_rss_mib()
+            rss_per_step = reset_peak_rss()
+            print(
+                f"torch {torch.__version__}, trl {trl.__version__}, threads {args.threads}, "
+                f"{args.dtype}, {cpu_name()}; {example_stats(data.examples)}",
+                file=sys.stderr,
+            )
+            records = interleaved(args, trainer, trl_clock, ours, steps)
+            check_no_checkpointing(ours.model, trainer.model)  # the Trainer decides at train()
         except Mismatch as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
-        setup_rss = peak_rss_mib()
-        rss_per_step = reset_peak_rss()
-        print(
-            f"torch {torch.__version__}, trl {trl.__version__}, threads {args.threads}, "
-            f"{args.dtype}, {cpu_name()}; {example_stats(data.examples)}",
-            file=sys.stderr,
-        )
-        records = interleaved(args, trainer, trl_clock, ours, steps)
     summary = summarize(args, records, setup_rss, rss_per_step)
     summary["examples"] = example_stats(data.examples)
     summary["model"] = str(model_dir) if args.model else "tiny (temporary)"
