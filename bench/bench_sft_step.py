@@ -43,6 +43,12 @@ included), backward (``accelerator.backward`` on both) and the rest (collation, 
 optimizer, bookkeeping; for TRL, its data loading and logging too: TRL's step is timed from the end
 of our previous step to its ``on_step_end``).
 
+Peak RSS (``ru_maxrss``): before each side's step, freed memory is handed back to the system
+(glibc ``malloc_trim``) and the high-water mark is reset (``/proc/self/clear_refs``), so each side's
+figure is the process's peak during its own steps. Both models stay resident, so that peak holds
+the other side's weights too; the part above the step's starting RSS is that side's own working
+memory (activations, logits, gradients).
+
     python bench/bench_sft_step.py                          # tiny model, 2 warm-up + 5 steps each
     python bench/bench_sft_step.py --model checkpoints/smollm2-135m-instruct --steps 3 \\
         --warmup 1 --batch_size 8 --output results/bench_sft_step.json
