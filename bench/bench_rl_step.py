@@ -107,6 +107,20 @@ class BenchArgs:
 # --------------------------------------------------------------------------- shared setup
 
 
+# The TRL settings every benchmark shares: fp32 on CPU, no checkpoints, no reporting, no progress
+# bar, a log line every step, the data loaded in this process.
+TRL_CPU_QUIET = {
+    "bf16": False,
+    "fp16": False,
+    "use_cpu": True,
+    "report_to": "none",
+    "save_strategy": "no",
+    "logging_steps": 1,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+
+
 def toy_tasks(count: int, seed: int) -> list[dict]:
     from coderl.toy_tasks import generate_toy_python
 
@@ -350,15 +364,8 @@ def build_trl(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path, t
         scale_rewards="group",
         max_steps=args.warmup + args.steps,
         gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
+        **TRL_CPU_QUIET,
         log_completions=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         seed=args.seed,
     )
     trainer = GRPOTrainer(

@@ -69,8 +69,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for path in (ROOT, BENCH):  # the project, and bench_rl_step beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 
@@ -136,23 +139,6 @@ class BenchArgs:
 
 
 # --------------------------------------------------------------------------- shared setup
-
-
-def toy_tasks(count: int, seed: int) -> list[dict]:
-    from coderl.toy_tasks import generate_toy_python
-
-    train, _ = generate_toy_python(n_train=count, n_test=8, seed=seed)
-    return train
-
-
-def build_model(folder: Path, tasks: list[dict], seed: int) -> Path:
-    """The tiny model (random init), its tokenizer trained with the toy tasks in its corpus."""
-    from coderl.tiny_model import build_tiny_model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    corpus = folder / "toy_tasks.txt"
-    corpus.write_text("\n".join(t["prompt"] + t["canonical_solution"] for t in tasks))
-    return build_tiny_model(folder, corpus=[str(corpus)], seed=seed)
 
 
 def load_sft_policy(model_dir: Path, args: BenchArgs):
@@ -340,6 +326,7 @@ def trl_rows(steps: list[list[list]]) -> list[dict]:
 
 
 def build_trl(args: BenchArgs, model_dir: Path, rows: list[dict], workdir: Path):
+    from bench_rl_step import TRL_CPU_QUIET
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -365,14 +352,7 @@ def build_trl(args: BenchArgs, model_dir: Path, rows: list[dict], workdir: Path)
         padding_free=False,
         loss_type="nll",
         activation_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **TRL_CPU_QUIET,
         seed=args.seed,
     )
     trainer = SFTTrainer(
@@ -579,6 +559,7 @@ def main(argv=None) -> None:
     (args,) = parse_args((BenchArgs,), argv, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bench_rl_step import build_model, toy_tasks
     from datasets.utils.logging import disable_progress_bar
 
     from train_sft_lora import build_examples
@@ -594,7 +575,9 @@ def main(argv=None) -> None:
                 raise UserError(
                     f"--model {model_dir}: a folder without config.json that is not empty"
                 )
-            build_model(model_dir, tasks, args.seed)
+            build_model(
+                model_dir, tasks, 0, seed=args.seed
+            )  # random init: SFT needs no pre-training
         ours, tokenizer = build_ours(args, model_dir, workdir)
         data = build_examples(tasks, tokenizer, args.prompt_mode, max_length=1024, overlong="drop")
         if not data.examples:
