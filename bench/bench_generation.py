@@ -147,24 +147,33 @@ def reference_generate_batch(
     """``coderl.generation._generate_batch`` as it was before the vectorised sampler."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    device = next(model.parameters()).device
-    input_ids, mask = generation._left_pad(prompts, pad_id, device)
     processors = LogitsProcessorList()
     if cfg.temperature > 0:
         processors.append(_reference_sampler(seeds, cfg.temperature, cfg.top_p))
     criteria = StoppingCriteriaList()
     if any(stops):
-        criteria.append(_reference_stop_criteria(tokenizer, stops, input_ids.shape[1]))
+        width = max(len(p) for p in prompts)  # the left-padded prompt width
+        criteria.append(_reference_stop_criteria(tokenizer, stops, width))
+    return _generate_rows(
+        model, tokenizer, prompts, stops, cfg, end_ids, pad_id,
+        do_sample=False, logits_processor=processors, stopping_criteria=criteria,
+    )  # fmt: skip
+
+
+def _generate_rows(model, tokenizer, prompts, stops, cfg, end_ids, pad_id, /, **decoding):
+    """One ``model.generate`` call on the left-padded batch under the plain generation config,
+    each row finished (cut, end id) as ``coderl.generation`` finishes it. ``decoding`` may hold
+    ``tokenizer`` too (for ``stop_strings``): the arguments before it are positional only."""
+    device = next(model.parameters()).device
+    input_ids, mask = generation._left_pad(prompts, pad_id, device)
     with generation._plain_generation_config(model, end_ids, pad_id), torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
             num_beams=1,
             use_cache=True,
-            logits_processor=processors,
-            stopping_criteria=criteria,
+            **decoding,
         )
     generated = sequences[:, input_ids.shape[1] :].tolist()
     return [
@@ -179,8 +188,6 @@ def hf_generate_batch(
     (``do_sample``, temperature, top-p, top-k off) and its own ``stop_strings``, on the same
     left-padded batch. Not reproducible per row (one random stream for the batch), so only its
     greedy outputs can be compared with ours."""
-    device = next(model.parameters()).device
-    input_ids, mask = generation._left_pad(prompts, pad_id, device)
     sampling = (
         {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
         if cfg.temperature > 0
@@ -188,20 +195,9 @@ def hf_generate_batch(
     )
     stop_strings = sorted({s for row in stops for s in row})
     extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
-    with generation._plain_generation_config(model, end_ids, pad_id), torch.no_grad():
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            num_beams=1,
-            use_cache=True,
-            **sampling,
-            **extra,
-        )
-    generated = sequences[:, input_ids.shape[1] :].tolist()
-    return [
-        generation.finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)
-    ]
+    return _generate_rows(
+        model, tokenizer, prompts, stops, cfg, end_ids, pad_id, **sampling, **extra
+    )
 
 
 def use_reference_generation() -> None:
