@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coderl.checkpoint import replace_dir
 from coderl.cli import parse_args
 from coderl.errors import UserError, exit_on_user_error
 
@@ -192,9 +193,7 @@ def convert(gguf: Path, out_dir: Path, provenance: dict, end_tokens: tuple[str, 
         provenance["end_token_ids"] = ends
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -105,13 +105,7 @@ def save_checkpoint(
     full_meta = {"step": step, "time": time.time(), "git_revision": git_revision(), **meta}
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, default=str))
     _fsync_tree(tmp)
-    if final.exists():  # a rerun of the same step: replace it, still atomically for readers
-        old = output_dir / f".old-checkpoint-{step}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    replace_dir(tmp, final)  # a rerun of the same step replaces it, atomically for readers
     _prune(output_dir, keep_last)
     return final
 
@@ -160,11 +154,18 @@ def export_final(output_dir: str | os.PathLike, checkpoint: str | os.PathLike) -
         shutil.rmtree(tmp)
     shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
     _fsync_tree(tmp)
+    replace_dir(tmp, final)
+    return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final``. An existing ``final`` is renamed aside
+    first and deleted last, so a reader (or a kill) finds the old folder or the new one, never
+    neither nor half of one."""
     if final.exists():
-        old = output_dir / f".old-final-{os.getpid()}"
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    return final
