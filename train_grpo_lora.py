@@ -134,6 +134,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -149,12 +150,14 @@ from coderl.rewards import RewardArgs, Scored, reward_partial
 from coderl.training import (
     ModelArgs,
     Rollout,
+    Run,
     TaskStream,
     TrainArgs,
     build_optimizer,
     collect_rollouts,
     count_trainable,
     finish,
+    load_optimizer_state,
     load_policy,
     restore,
     rollout_metrics,
@@ -1251,6 +1254,12 @@ def evaluates_at(step: int, train_args: TrainArgs) -> bool:
     return bool(train_args.eval_every) and step % train_args.eval_every == 0
 
 
+def saved_eval(run: Run, step: int) -> dict | None:
+    """The metrics :func:`run_eval` wrote for ``step`` (None when it did not run)."""
+    path = run.run_dir / f"eval-step{step}.json"
+    return json.loads(path.read_text())["metrics"] if path.is_file() else None
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
     opts = Options(
@@ -1273,8 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start_step = 0
     state = restore(run.resume_from)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(run, optimizer, scheduler, state)
         stream.position = state["data_position"]
         start_step = state["step"]
         run.print(f"resumed from {run.resume_from} at step {start_step}")
@@ -1299,7 +1307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for step in range(start_step + 1, opts.train.max_steps + 1):
             metrics, rows = loop.step(step)
             metrics["train/trainable_params"] = trainable
-            if eval_tasks and evaluates_at(step, opts.train):
+            # The last step validates before its checkpoint, so the logs a resume keeps hold it.
+            if eval_tasks and (evaluates_at(step, opts.train) or step == opts.train.max_steps):
                 final = run_eval(loop, eval_tasks, step)
                 metrics.update(final)
             run.logger.log(metrics, step)
@@ -1318,13 +1327,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 last_checkpoint = save(
                     run, step, model, trainer_state, metrics, opts.train.keep_last
                 )
-        if eval_tasks and not (final and evaluates_at(opts.train.max_steps, opts.train)):
-            final = run_eval(loop, eval_tasks, opts.train.max_steps)
-            run.logger.log(final, opts.train.max_steps)
     finally:
         bar.close()
         sandbox.close()
     finish(run, last_checkpoint)
+    if eval_tasks and start_step > 0:  # a resumed run: what earlier processes measured
+        before = before or saved_eval(run, 0)
+        final = final or saved_eval(run, opts.train.max_steps)
     if final is not None:
         table = results_table(before, final)
         write_json(run.output_dir / "final_eval.json", {"before": before, "after": final})

@@ -102,7 +102,7 @@ import torch
 
 from coderl.cli import derive_seed, parse_args
 from coderl.errors import UserError, exit_on_user_error
-from coderl.models import disable_dropout
+from coderl.models import disable_dropout, save_adapter
 from coderl.rewards import RewardArgs
 from coderl.training import (
     ModelArgs,
@@ -114,6 +114,7 @@ from coderl.training import (
     collect_rollouts,
     count_trainable,
     finish,
+    load_optimizer_state,
     load_policy,
     pack_sequences,
     restore,
@@ -505,7 +506,7 @@ class PolicyWithValue(torch.nn.Module):
         return shifted_logprobs(logits, input_ids, temperature)[0]
 
     def save_pretrained(self, path: str) -> None:
-        self.policy.save_pretrained(path)
+        save_adapter(self.policy, path)  # with base_model.json, as the other trainers write
         if self.value_head is not None:
             torch.save(self.value_head.state_dict(), Path(path) / VALUE_HEAD_FILE)
 
@@ -948,8 +949,7 @@ def main(argv: list[str] | None = None) -> None:
         model.keep_reference_weights()
     state = restore(run.resume_from)  # after every model / head init: the RNG is as saved
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(run, optimizer, scheduler, state)
         stream.position = state["data_position"]
         start_step = state["step"]
         if ppo_args.kl_reference == "init":

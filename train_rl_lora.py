@@ -126,6 +126,7 @@ from coderl.training import (
     collect_rollouts,
     count_trainable,
     finish,
+    load_optimizer_state,
     load_policy,
     pack_sequences,
     restore,
@@ -813,8 +814,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start_step = 0
     state = restore(run.resume_from)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(run, optimizer, scheduler, state)
         stream.position = state["data_position"]
         baseline_state = state["baseline_state"]
         start_step = state["step"]
@@ -858,7 +858,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 baseline_state,
             )
             metrics["train/epoch"] = stream.epoch
-            if eval_tasks and evaluates_at(step, opts.train):
+            # The last step validates before its checkpoint, so the logs a resume keeps hold it.
+            if eval_tasks and (evaluates_at(step, opts.train) or step == opts.train.max_steps):
                 metrics.update(run_validation(run, model, tokenizer, eval_tasks, sandbox, opts))
             run.logger.log(metrics, step)
             run.logger.log_samples(rows, step)
@@ -877,9 +878,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 last_checkpoint = save(
                     run, step, model, trainer_state, metrics, opts.train.keep_last
                 )
-        if eval_tasks and not evaluates_at(opts.train.max_steps, opts.train):
-            final_eval = run_validation(run, model, tokenizer, eval_tasks, sandbox, opts)
-            run.logger.log(final_eval, opts.train.max_steps)
     finally:
         bar.close()
         sandbox.close()

@@ -102,6 +102,7 @@ from coderl.training import (
     build_optimizer,
     count_trainable,
     finish,
+    load_optimizer_state,
     load_policy,
     masked_token_logprobs,
     pack_sequences,
@@ -508,8 +509,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"--resume: {run.resume_from} was trained on other data (or another tokenizer) "
                 f"than {data_args.train_file}"
             )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(run, optimizer, scheduler, state)
         stream.position = state["data_position"]
         step, tokens_seen = state["step"], state["tokens_seen"]
         run.print(f"resumed from {run.resume_from} at step {step}")

@@ -1,7 +1,9 @@
 """Run logging: always local (``metrics.jsonl`` + TensorBoard under ``runs/<name>/``), trackers opt-in.
 
 Metric names are namespaced (``train/``, ``rollout/``, ``eval/``). Every record carries the step,
-so a resumed run appends to the same files and plots stay continuous.
+so a resumed run appends to the same files and plots stay continuous: resuming from the checkpoint
+of step N first cuts ``metrics.jsonl`` and ``samples.jsonl`` back to step N (the steps after it run
+again) and tells TensorBoard to hide its events after N, so no step is logged twice.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coderl.checkpoint import failpoint
 from coderl.errors import UserError
 
 
@@ -38,6 +41,7 @@ class RunLogger:
         config: dict | None = None,
         report_to: str = "tensorboard",
         enabled: bool = True,
+        resume_step: int | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -46,6 +50,8 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            cut_logs(self.run_dir, resume_step)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         targets = {t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"}
         if config is not None:
@@ -53,7 +59,8 @@ class RunLogger:
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         if "wandb" in targets:
             import wandb
 
@@ -75,6 +82,7 @@ class RunLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+        failpoint(f"logged:{step}")
 
     def log_samples(self, rows: list[dict], step: int) -> None:
         """Append sampled completions with their rewards and verdicts to ``samples.jsonl``."""
@@ -85,6 +93,7 @@ class RunLogger:
                 fh.write(json.dumps({"step": step, **row}, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        failpoint(f"samples:{step}")
 
     def close(self) -> None:
         if not self.enabled:
@@ -94,6 +103,44 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+
+
+def cut_logs(run_dir: str | os.PathLike, step: int) -> dict[str, int]:
+    """Drop the rows after ``step`` from the run's JSON-lines logs (and a last line a kill cut
+    off); each file is rewritten under a temporary name and renamed over the old one, so a kill
+    here leaves the old file or the cut one. Rows dropped, by file."""
+    dropped = {}
+    for name in LOG_FILES:
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [
+            line for number, line in enumerate(lines, 1) if _keep(line, step, number == len(lines))
+        ]
+        if len(kept) == len(lines):
+            continue
+        tmp = path.with_name(f".{name}.cut-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dropped[name] = len(lines) - len(kept)
+    return dropped
+
+
+def _keep(line: str, step: int, last: bool) -> bool:
+    if not line.strip():
+        return False
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return not last  # a cut-off last line goes; damage elsewhere is left for the reader
+    return not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

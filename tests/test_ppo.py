@@ -22,14 +22,11 @@ from coderl.rewards import RewardArgs
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
-from tests import training_fixtures
 from tests.training_fixtures import run_script
 from train_ppo_lora import PPOTrainArgs
 
-# Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixtures here.
-toy_data_dir = training_fixtures.toy_data_dir
-sft_run = training_fixtures.sft_run
-sft_adapter_dir = training_fixtures.sft_adapter_dir
+# Fixtures toy_data_dir, sft_run and sft_adapter_dir come from conftest (its plugin): one
+# session-wide SFT run shared with the other modules.
 
 # --------------------------------------------------------------------------- GAE two ways
 

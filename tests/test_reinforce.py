@@ -18,12 +18,10 @@ from coderl.models import add_adapter, load_model
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, prompt_token_ids
-from tests import training_fixtures
 from tests.helpers import scripted
 from tests.training_fixtures import run_script, script_env
 
-# Until tests/conftest.py registers tests.training_fixtures as a plugin, take its fixture here.
-toy_data_dir = training_fixtures.toy_data_dir
+# Fixture toy_data_dir comes from conftest (its plugin).
 
 ROOT = Path(__file__).resolve().parents[1]
 
