@@ -110,16 +110,19 @@ from coderl.training import (
     Run,
     TaskStream,
     TrainArgs,
+    all_positions,
     build_optimizer,
     collect_rollouts,
     count_trainable,
     finish,
     load_optimizer_state,
     load_policy,
+    masked_token_logprobs,
     pack_sequences,
     restore,
     rollout_metrics,
     save,
+    spread_over_mask,
     start_run,
     validate,
     validate_common,
@@ -475,35 +478,52 @@ class PolicyWithValue(torch.nn.Module):
         self.reference_weights = [w.detach().clone() for w in source]
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float = 1.0,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs of ``input_ids[:, 1:]``, entropies and values, each B x T-1: entry
-        t belongs to the prefix ending at token t (logits shifted before gathering)."""
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=self.value_head is not None,
+        t belongs to the prefix ending at token t (logits shifted before gathering).
+
+        Log-probs and entropies only where ``mask`` (None: everywhere) is 1, zero elsewhere;
+        values everywhere (the value head is cheap and reads every hidden state anyway)."""
+        mask = all_positions(input_ids) if mask is None else mask
+        out = masked_token_logprobs(
+            self.policy,
+            input_ids,
+            attention_mask,
+            mask,
+            temperature,
+            return_entropy=True,
+            return_hidden=self.value_head is not None,
         )
-        logprobs, entropy = shifted_logprobs(out.logits, input_ids, temperature)
         values = None
         if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, :-1])
-        return logprobs, entropy, values
+            values = self.value_head(out.hidden[:, :-1])
+        return spread_over_mask(out.logprobs, mask), spread_over_mask(out.entropy, mask), values
 
     @torch.no_grad()
     def reference_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float = 1.0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Log-probs under the reference: the same network with the adapter switched off (base),
-        or with the adapter's starting weights swapped in for the pass (init)."""
+        or with the adapter's starting weights swapped in for the pass (init). Only where
+        ``mask`` (None: everywhere) is 1, zero elsewhere."""
         switch = (
             self.policy.disable_adapter()
             if self.reference_weights is None
             else swapped_weights(self.adapter_parameters(), self.reference_weights)
         )
+        mask = all_positions(input_ids) if mask is None else mask
         with switch:
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
-        return shifted_logprobs(logits, input_ids, temperature)[0]
+            out = masked_token_logprobs(self.policy, input_ids, attention_mask, mask, temperature)
+        return spread_over_mask(out.logprobs, mask)
 
     def save_pretrained(self, path: str) -> None:
         save_adapter(self.policy, path)  # with base_model.json, as the other trainers write
@@ -524,16 +544,6 @@ def swapped_weights(params: list[torch.nn.Parameter], weights: list[torch.Tensor
         with torch.no_grad():
             for p, w in zip(params, saved, strict=True):
                 p.copy_(w)
-
-
-def shifted_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits[:, :-1, :].float() / temperature
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    logprobs = logprobs_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    return logprobs, entropy
 
 
 def hidden_size_of(policy) -> int:
@@ -598,15 +608,19 @@ def usable(rollout: Rollout) -> bool:
 
 
 @torch.no_grad()
-def forward_in_chunks(model: PolicyWithValue, input_ids, attention_mask, temperature, chunk: int):
-    """Log-probs, values and reference log-probs of a whole batch, ``chunk`` rows at a time."""
+def forward_in_chunks(
+    model: PolicyWithValue, input_ids, attention_mask, mask, temperature, chunk: int
+):
+    """Log-probs and reference log-probs (where ``mask`` is 1) and values of a whole batch,
+    ``chunk`` rows at a time."""
     logprobs, values, ref = [], [], []
     for start in range(0, input_ids.shape[0], chunk):
-        ids, att = input_ids[start : start + chunk], attention_mask[start : start + chunk]
-        lp, _, v = model(ids, att, temperature)
+        rows = slice(start, start + chunk)
+        ids, att, part = input_ids[rows], attention_mask[rows], mask[rows]
+        lp, _, v = model(ids, att, temperature, mask=part)
         logprobs.append(lp)
         values.append(v)
-        ref.append(model.reference_logprobs(ids, att, temperature))
+        ref.append(model.reference_logprobs(ids, att, temperature, mask=part))
     stacked_values = torch.cat(values) if values[0] is not None else None
     return torch.cat(logprobs), stacked_values, torch.cat(ref)
 
@@ -628,7 +642,7 @@ def make_batch(
     scores = torch.tensor([r.reward for r in rollouts], dtype=torch.float32, device=device)
     chunk = max(1, math.ceil(len(rollouts) / args.num_minibatches))
     old_logprobs, old_values, ref_logprobs = forward_in_chunks(
-        model, input_ids, attention_mask, args.temperature, chunk
+        model, input_ids, attention_mask, mask, args.temperature, chunk
     )
     metrics: dict[str, float] = {}
     if args.variant == "token":
@@ -662,10 +676,10 @@ def minibatch_loss(
     model, batch: Batch, rows: torch.Tensor, args: PPOArgs
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """The loss of one minibatch and its diagnostics (also the per-entry log-ratio)."""
-    logprobs, entropy, values = model(
-        batch.input_ids[rows], batch.attention_mask[rows], args.temperature
-    )
     mask = batch.mask[rows]
+    logprobs, entropy, values = model(
+        batch.input_ids[rows], batch.attention_mask[rows], args.temperature, mask=mask
+    )
     old = batch.old_logprobs[rows]
     entropy_mean = masked_mean(entropy, mask)
     stats: dict[str, float] = {"train/entropy": entropy_mean.item()}

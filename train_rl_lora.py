@@ -122,16 +122,19 @@ from coderl.training import (
     Rollout,
     TaskStream,
     TrainArgs,
+    all_positions,
     build_optimizer,
     collect_rollouts,
     count_trainable,
     finish,
     load_optimizer_state,
     load_policy,
+    masked_token_logprobs,
     pack_sequences,
     restore,
     rollout_metrics,
     save,
+    spread_over_mask,
     start_run,
     trainable_parameters,
     validate,
@@ -451,16 +454,23 @@ def sampling_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    completion_mask: torch.Tensor | None = None,
 ):
     """log pi_T(x_t | x_<t) for t = 1..T-1 (B x T-1) under the sampling distribution: logits
     divided by ``temperature``, shifted before gathering (``coderl.training.token_logprobs`` at
-    temperature 1). With ``return_entropy`` also each next-token distribution's entropy."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
-    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
-    logprobs = logprobs_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    temperature 1). With ``return_entropy`` also each next-token distribution's entropy.
+
+    Only the positions of ``completion_mask`` (None: all) are computed, the others are 0: the
+    loss never reads them, and the vocabulary-wide log-softmax dominates the cost.
+    """
+    mask = all_positions(input_ids) if completion_mask is None else completion_mask
+    out = masked_token_logprobs(
+        model, input_ids, attention_mask, mask, temperature, return_entropy=return_entropy
+    )
+    logprobs = spread_over_mask(out.logprobs, mask)
     if not return_entropy:
         return logprobs
-    return logprobs, -(logprobs_all.exp() * logprobs_all).sum(-1)
+    return logprobs, spread_over_mask(out.entropy, mask)
 
 
 @dataclass
@@ -512,14 +522,23 @@ def policy_update(
         if rl_args.kl_coef > 0:
             with torch.no_grad(), unwrapped.disable_adapter():
                 ref_logprobs = sampling_logprobs(
-                    unwrapped, input_ids, attention, rl_args.temperature
+                    unwrapped,
+                    input_ids,
+                    attention,
+                    rl_args.temperature,
+                    completion_mask=completion_mask,
                 )
         last = index == len(chunks) - 1
         # DDP all-reduces once, on the last micro-batch; each process runs the same count.
         sync = accelerator.no_sync(model) if not last else contextlib.nullcontext()
         with sync:
             logprobs, entropy = sampling_logprobs(
-                model, input_ids, attention, rl_args.temperature, return_entropy=True
+                model,
+                input_ids,
+                attention,
+                rl_args.temperature,
+                return_entropy=True,
+                completion_mask=completion_mask,
             )
             pg = reinforce_loss(
                 logprobs,

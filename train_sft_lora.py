@@ -325,7 +325,7 @@ def collate(examples: Sequence[Example], pad_id: int, device=None):
 def summed_token_nll(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
     """Sum over the batch of -log p(target token | everything before it), prompt masked out
     (the output head and the log-softmax run on the target positions only)."""
-    return -masked_token_logprobs(model, input_ids, attention_mask, loss_mask).sum()
+    return -masked_token_logprobs(model, input_ids, attention_mask, loss_mask).logprobs.sum()
 
 
 def steps_for_epochs(num_examples: int, epochs: float, examples_per_step: int) -> int:

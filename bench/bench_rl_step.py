@@ -2,7 +2,8 @@
 
 Both run in this one process, on the same tiny local model, interleaved step by step (TRL's step,
 then ours, inside TRL's training loop) so that a change in machine load hits both alike. Printed:
-each side's median seconds per step after warm-up, the ratio ours / TRL, and where the time goes.
+each side's median seconds per step after warm-up, the ratio ours / TRL, where the time goes, and
+beside every step's time the peak RSS during it.
 
 Matched settings (both sides):
 
@@ -11,7 +12,9 @@ Matched settings (both sides):
   target being the solution followed by a blank line and another task's function (as a base model
   continues a HumanEval prompt), so that some completions pass and groups have unequal rewards (a
   random model fails everything: every advantage is 0 and a step would measure nothing but
-  generation); the same 256 tasks are the prompts; fp32, CPU, ``--threads`` torch threads;
+  generation); the same 256 tasks are the prompts; ``--model DIR`` instead, when it holds a
+  model; weights and compute in ``--dtype`` (float32, or bfloat16 for both, no autocast), CPU,
+  ``--threads`` torch threads;
 * a fresh LoRA adapter, r=8, alpha=16, dropout 0, on every linear layer but the output head, the
   same initial weights (same seed);
 * 8 prompts x 4 generations x exactly 64 new tokens: the end-of-sequence tokens are masked out of
@@ -27,10 +30,11 @@ Matched settings (both sides):
 * the whole step's 32 sequences in one forward/backward pass (TRL: per-device batch 32, no
   accumulation; ours: ``--micro_batch_size 32``).
 
-Settings that differ, and why: TRL's defaults of gradient checkpointing and bf16 are turned off
-(ours uses neither; fp32 is asked for). Both generate the 32 sequences in one ``generate`` call
-with the KV cache (ours with its default ``--score_chunk_tasks 0``); ours folds the adapter into
-a copy of the weights while generating, TRL runs peft's LoRA layers; ours samples each row from
+Settings that differ, and why: TRL's defaults of gradient checkpointing and bf16 autocast are
+turned off (ours uses neither; the weights' dtype is ``--dtype`` on both sides). Both generate the
+32 sequences in one ``generate`` call with the KV cache (ours with its default
+``--score_chunk_tasks 0``); ours folds the adapter into a copy of the weights while generating,
+TRL runs peft's LoRA layers; ours samples each row from
 its own seeded generator (``coderl.generation``: reproducible whatever the batch), TRL samples the
 batch at once. Both compute entropies in the loss pass. In the update, ours runs each prompt once
 for its 4 completions (the completions continue from the prompt's cached keys/values) where TRL
@@ -44,8 +48,15 @@ Where the time goes: ours from ``time/generate`` (until the last chunk is handed
 optimizer); TRL's by wrapping its ``_generate`` (generation), the reward function (scoring) and the
 rest of its step (log-prob forward/backward, optimizer, bookkeeping).
 
+Peak RSS (``ru_maxrss``, ``bench/peak_rss.py``): before each side's step, freed memory is handed
+back to the system and the high-water mark is reset, so each side's figure is the process's peak
+during its own step. Both models stay resident, so that peak holds the other side's weights too;
+the part above the step's starting RSS is that side's own working memory.
+
     python bench/bench_rl_step.py                      # 2 warm-up + 5 measured steps each
     python bench/bench_rl_step.py --steps 9 --threads 2 --output results/bench_rl_step.json
+    python bench/bench_rl_step.py --model checkpoints/smollm2-135m-instruct --dtype bfloat16 \\
+        --num_prompts 2 --num_generations 2 --max_new_tokens 32 --warmup 1 --steps 2
 """
 
 from __future__ import annotations
@@ -62,10 +73,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for path in (ROOT, BENCH):  # the project, and the benchmark modules beside this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
+from peak_rss import peak_rss_mib, reset_peak_rss, start_rss_window  # noqa: E402
 
 from coderl.cli import parse_args, seed_everything  # noqa: E402
 from coderl.errors import exit_on_user_error  # noqa: E402
@@ -78,6 +93,13 @@ class BenchArgs:
     num_prompts: int = field(default=8, metadata={"help": "Prompts per step."})
     num_generations: int = field(default=4, metadata={"help": "Completions per prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Exact completion length."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights and compute dtype, both sides.",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
     threads: int = field(
         default=1,
         metadata={
@@ -219,11 +241,11 @@ class StopCuttingSandbox:
         return getattr(self.sandbox, name)
 
 
-def load_policy_model(model_dir: Path, seed: int):
+def load_policy_model(model_dir: Path, seed: int, dtype: str):
     """Base + fresh LoRA r=8 on all linear layers, exactly as train_grpo_lora.py builds it."""
     from coderl.models import add_adapter, load_model
 
-    model, tokenizer = load_model(str(model_dir), quantization="none", dtype="float32")
+    model, tokenizer = load_model(str(model_dir), quantization="none", dtype=dtype)
     torch.manual_seed(seed)  # identical initial adapter weights on both sides
     model = add_adapter(model, "lora", r=8, alpha=16, dropout=0.0, target_modules="all-linear")
     return model, tokenizer
@@ -246,7 +268,7 @@ def build_ours(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path):
     )
 
     opts = Options(
-        GRPOModelArgs(model=str(model_dir), quantization="none", dtype="float32"),
+        GRPOModelArgs(model=str(model_dir), quantization="none", dtype=args.dtype),
         GRPOTrainArgs(
             output_dir=str(workdir / "ours"),
             logging_dir=str(workdir / "runs"),
@@ -270,7 +292,7 @@ def build_ours(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path):
         GRPORewardArgs(reward="unit_test"),
     )
     run = start_run(opts.train, (opts.model, opts.train, opts.grpo, opts.reward))
-    model, tokenizer = load_policy_model(model_dir, args.seed)
+    model, tokenizer = load_policy_model(model_dir, args.seed, args.dtype)
     suppress_end_tokens(model, end_token_ids(model, tokenizer))
     optimizer, scheduler = build_optimizer(trainable_parameters(model), opts.train)
     loop = GRPOLoop(
@@ -326,7 +348,7 @@ def build_trl(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path, t
 
     from coderl.generation import end_token_ids, render_prompt
 
-    model, tokenizer = load_policy_model(model_dir, args.seed)
+    model, tokenizer = load_policy_model(model_dir, args.seed, args.dtype)
     suppress_end_tokens(model, end_token_ids(model, tokenizer))
     by_id = {t["task_id"]: t for t in tasks}
 
@@ -395,14 +417,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def rss_record(start_rss: float) -> dict:
+    """The RSS a side's step started from and the process's peak during it."""
+    return {"start_rss_mib": start_rss, "peak_rss_mib": peak_rss_mib()}
+
+
 def interleaved(args: BenchArgs, trainer, loop, trl_times: TrlTimes) -> dict:
     """Run TRL's training loop; after each of its steps, run one of ours."""
     from transformers import TrainerCallback
 
     records = {"trl": [], "ours": []}
+    trl_start_rss = {"mib": 0.0}
 
     class Race(TrainerCallback):
         def on_step_begin(self, *_a, **_k):
+            trl_start_rss["mib"] = start_rss_window()
             trl_times.generate = trl_times.score = 0.0
             trl_times.step_started = time.perf_counter()
 
@@ -414,9 +443,11 @@ def interleaved(args: BenchArgs, trainer, loop, trl_times: TrlTimes) -> dict:
                     "generate": trl_times.generate,
                     "score": trl_times.score,
                     "update": total - trl_times.generate - trl_times.score,
+                    **rss_record(trl_start_rss["mib"]),
                 }
             )
             step = len(records["ours"]) + 1
+            start_rss = start_rss_window()
             with every_row_runs(args.no_skip):
                 metrics, _ = loop.step(step)
             records["ours"].append(
@@ -429,10 +460,13 @@ def interleaved(args: BenchArgs, trainer, loop, trl_times: TrlTimes) -> dict:
                     "completion_tokens": metrics["rollout/completion_tokens"],
                     "frac_reward_zero_std": metrics["rollout/frac_reward_zero_std"],
                     "forward_sequences": metrics["train/forward_sequences"],
+                    **rss_record(start_rss),
                 }
             )
+            trl, ours = records["trl"][-1], records["ours"][-1]
             print(
-                f"step {step}: TRL {total:.2f} s, ours {metrics['time/step']:.2f} s "
+                f"step {step}: TRL {total:.2f} s, peak RSS {trl['peak_rss_mib']:.0f} MiB; "
+                f"ours {metrics['time/step']:.2f} s, peak RSS {ours['peak_rss_mib']:.0f} MiB "
                 f"(reward {metrics['rollout/reward_mean']:.2f}, "
                 f"rows run {metrics['train/forward_sequences']})",
                 file=sys.stderr,
@@ -448,7 +482,7 @@ def interleaved(args: BenchArgs, trainer, loop, trl_times: TrlTimes) -> dict:
     return records
 
 
-def summarize(args: BenchArgs, records: dict) -> dict:
+def summarize(args: BenchArgs, records: dict, setup_rss: float, rss_per_step: bool) -> dict:
     out = {"settings": dataclasses.asdict(args), "torch_threads": torch.get_num_threads()}
     for side in ("ours", "trl"):
         measured = records[side][args.warmup :]
@@ -456,23 +490,35 @@ def summarize(args: BenchArgs, records: dict) -> dict:
             key: median([r[key] for r in measured])
             for key in ("step", "generate", "score", "update")
         }
+        out[side]["peak_rss_mib"] = max(r["peak_rss_mib"] for r in records[side])
+        out[side]["peak_rss_above_start_mib"] = max(
+            r["peak_rss_mib"] - r["start_rss_mib"] for r in records[side]
+        )
         out[side]["per_step"] = records[side]
     out["ratio_ours_over_trl"] = out["ours"]["step"] / out["trl"]["step"]
+    out["rss"] = {
+        "after_setup_mib": setup_rss,
+        "process_peak_mib": max(setup_rss, out["ours"]["peak_rss_mib"], out["trl"]["peak_rss_mib"]),
+        "per_step_peaks": rss_per_step,
+    }
     return out
 
 
 def report(summary: dict) -> str:
     lines = [
-        "| seconds per step (median) | step | generate | score (exposed) | update + rest |",
-        "| --- | --- | --- | --- | --- |",
+        "| seconds per step (median) | step | generate | score (exposed) | update + rest "
+        "| peak RSS MiB (above start) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for side, name in (("ours", "this project"), ("trl", "TRL GRPOTrainer")):
         s = summary[side]
         lines.append(
             f"| {name} | {s['step']:.3f} | {s['generate']:.3f} | {s['score']:.3f} | "
-            f"{s['update']:.3f} |"
+            f"{s['update']:.3f} | {s['peak_rss_mib']:.0f} ({s['peak_rss_above_start_mib']:.0f}) |"
         )
     lines.append(f"\nratio ours / TRL = {summary['ratio_ours_over_trl']:.3f}")
+    if not summary["rss"]["per_step_peaks"]:
+        lines.append("peak RSS: the process's peak so far (this system cannot reset it per step)")
     return "\n".join(lines)
 
 
@@ -498,13 +544,15 @@ def main(argv=None) -> None:
         loop = build_ours(args, model_dir, tasks, sandbox, workdir)
         trl_times = TrlTimes()
         trainer = build_trl(args, model_dir, tasks, sandbox, workdir, trl_times)
+        setup_rss = peak_rss_mib()
+        rss_per_step = reset_peak_rss()
         print(
             f"torch {torch.__version__}, trl {trl.__version__}, threads {args.threads}, "
-            f"sandbox: {sandbox.describe()}",
+            f"{args.dtype}, sandbox: {sandbox.describe()}",
             file=sys.stderr,
         )
         records = interleaved(args, trainer, loop, trl_times)
-    summary = summarize(args, records)
+    summary = summarize(args, records, setup_rss, rss_per_step)
     summary["versions"] = {"torch": torch.__version__, "trl": trl.__version__}
     print(report(summary))
     if args.output:

@@ -43,11 +43,11 @@ included), backward (``accelerator.backward`` on both) and the rest (collation, 
 optimizer, bookkeeping; for TRL, its data loading and logging too: TRL's step is timed from the end
 of our previous step to its ``on_step_end``).
 
-Peak RSS (``ru_maxrss``): before each side's step, freed memory is handed back to the system
-(glibc ``malloc_trim``) and the high-water mark is reset (``/proc/self/clear_refs``), so each side's
-figure is the process's peak during its own steps. Both models stay resident, so that peak holds
-the other side's weights too; the part above the step's starting RSS is that side's own working
-memory (activations, logits, gradients).
+Peak RSS (``ru_maxrss``, ``bench/peak_rss.py``): before each side's step, freed memory is handed
+back to the system (glibc ``malloc_trim``) and the high-water mark is reset
+(``/proc/self/clear_refs``), so each side's figure is the process's peak during its own steps.
+Both models stay resident, so that peak holds the other side's weights too; the part above the
+step's starting RSS is that side's own working memory (activations, logits, gradients).
 
     python bench/bench_sft_step.py                          # tiny model, 2 warm-up + 5 steps each
     python bench/bench_sft_step.py --model checkpoints/smollm2-135m-instruct --steps 3 \\
@@ -57,11 +57,9 @@ memory (activations, logits, gradients).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -71,11 +69,12 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-for path in (ROOT, BENCH):  # the project, and bench_rl_step beside this file
+for path in (ROOT, BENCH):  # the project, and the benchmark modules beside this file
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
+from peak_rss import peak_rss_mib, reset_peak_rss, start_rss_window  # noqa: E402
 
 from coderl.cli import parse_args, seed_everything  # noqa: E402
 from coderl.errors import UserError, exit_on_user_error  # noqa: E402
@@ -180,29 +179,6 @@ def step_batches(args: BenchArgs, examples) -> list[list[list]]:
 def dropout_seed(seed: int, step: int) -> int:
     """Both sides reseed torch with this before step ``step``: the same dropout masks."""
     return seed * 1_000_003 + step
-
-
-def reset_peak_rss() -> bool:
-    """Make ru_maxrss the current RSS (Linux: writing 5 to clear_refs resets the high-water mark),
-    so that it reads the peak of what follows; False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def start_rss_window() -> float:
-    """Hand memory freed by the other side back to the system (glibc keeps it otherwise, and the
-    next side would reuse it unseen), reset the peak; the RSS this window starts from."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak_rss()
-    return peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def cpu_name() -> str:

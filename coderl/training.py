@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -627,32 +627,69 @@ def token_logprobs(
     return logprobs, entropy
 
 
+class MaskedLogprobs(NamedTuple):
+    """What :func:`masked_token_logprobs` returns: one entry per masked token, row-major."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None  # of each masked position's next-token distribution
+    hidden: torch.Tensor | None = None  # the last hidden state, B x T x H, every position
+
+
 def masked_token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """log p(x_t | x_<t) of the tokens where ``mask`` (B x T-1, as :func:`token_logprobs`) is 1,
-    as one flat tensor in row-major order.
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_hidden: bool = False,
+) -> MaskedLogprobs:
+    """log p_T(x_t | x_<t) of the tokens where ``mask`` (B x T-1, as :func:`token_logprobs`;
+    None: every position) is 1, under logits divided by ``temperature``.
 
     The same numbers as ``token_logprobs(...)[mask.bool()]``, for less: the output head runs only
-    from the first column any row needs (``logits_to_keep``; in SFT the prompt, most of each row,
-    needs none), and only the masked positions are upcast to float32 and normalised over the
-    vocabulary.
+    from the first column any row needs (``logits_to_keep``; the prompt, most of each row, needs
+    none), and only the masked positions are upcast to float32 and normalised over the
+    vocabulary. The model always runs, even when nothing is masked, so every process does the
+    same passes and a loss built on the result can always be backpropagated.
     """
     width = input_ids.shape[1]
-    needed = mask.bool()
+    needed = (all_positions(input_ids) if mask is None else mask).bool()
     columns = needed.any(dim=0).nonzero()
-    if len(columns) == 0:
-        return torch.zeros(0, device=input_ids.device)
-    first = int(columns[0])
+    first = int(columns[0]) if len(columns) else width - 1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if return_hidden:
+        inputs["output_hidden_states"] = True
     try:
-        logits = model(**inputs, logits_to_keep=width - first).logits
+        output = model(**inputs, logits_to_keep=width - first)
+        logits = output.logits
     except TypeError:  # a model whose forward has no logits_to_keep
-        logits = model(**inputs).logits[:, first:]
+        output = model(**inputs)
+        logits = output.logits[:, first:]
     needed = needed[:, first:]
     selected = logits[:, :-1][needed].float()  # (tokens, vocabulary)
+    if temperature != 1.0:
+        selected = selected / temperature
+    logprobs_all = torch.log_softmax(selected, dim=-1)
     targets = input_ids[:, first + 1 :][needed]
-    return torch.log_softmax(selected, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logprobs = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if return_entropy else None
+    hidden = output.hidden_states[-1] if return_hidden else None
+    return MaskedLogprobs(logprobs, entropy, hidden)
+
+
+def all_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """A B x T-1 mask of ones: every next-token position of ``input_ids``."""
+    batch, width = input_ids.shape
+    return torch.ones((batch, width - 1), dtype=torch.float32, device=input_ids.device)
+
+
+def spread_over_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The flat ``values`` of :func:`masked_token_logprobs` back in their B x T-1 places, zero
+    where ``mask`` is 0 (a loss that multiplies by the mask sees the same numbers)."""
+    out = values.new_zeros(mask.shape)
+    out[mask.bool()] = values
+    return out
 
 
 def pack_sequences(

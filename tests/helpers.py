@@ -48,3 +48,17 @@ def scripted(model, script: list[int]):
         yield calls
     finally:
         handle.remove()
+
+
+def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidden=False):
+    """Reference for the RL scripts' log-probs: the output head and the log-softmax over every
+    position (B x T x V), nothing skipped. Returns log p_T(x_t | x_<t) and each distribution's
+    entropy (B x T-1), and with ``hidden`` the last hidden state."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden)
+    logits = out.logits[:, :-1, :].float() / temperature
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logprobs_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
+    if hidden:
+        return logprobs, entropy, out.hidden_states[-1]
+    return logprobs, entropy

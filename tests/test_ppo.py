@@ -22,6 +22,7 @@ from coderl.rewards import RewardArgs
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
+from tests.helpers import full_vocab_logprobs
 from tests.training_fixtures import run_script
 from train_ppo_lora import PPOTrainArgs
 
@@ -334,6 +335,96 @@ def test_one_update_moves_adapter_and_value_head_not_the_base(
     after_base = frozen_snapshot(model)
     assert before_base.keys() == after_base.keys()
     assert all(torch.equal(before_base[n], after_base[n]) for n in before_base)
+
+
+def reference_forward(self, input_ids, attention_mask, temperature=1.0, mask=None):
+    """``PolicyWithValue.forward`` as the full-vocabulary computation (every position)."""
+    if self.value_head is None:
+        logprobs, entropy = full_vocab_logprobs(self.policy, input_ids, attention_mask, temperature)
+        return logprobs, entropy, None
+    logprobs, entropy, hidden = full_vocab_logprobs(
+        self.policy, input_ids, attention_mask, temperature, hidden=True
+    )
+    return logprobs, entropy, self.value_head(hidden[:, :-1])
+
+
+@torch.no_grad()
+def reference_reference_logprobs(self, input_ids, attention_mask, temperature=1.0, mask=None):
+    """``PolicyWithValue.reference_logprobs`` as the full-vocabulary computation."""
+    with self.policy.disable_adapter():
+        return full_vocab_logprobs(self.policy, input_ids, attention_mask, temperature)[0]
+
+
+def one_ppo_iteration(model, rollouts, pad_id, args):
+    """Batch, first-minibatch loss and gradients, and the parameter moves of a whole update
+    (SGD); the parameters are put back afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    batch, batch_metrics = ppo.make_batch(model, rollouts, pad_id, args, "cpu")
+    loss, stats, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args)
+    grads = torch.autograd.grad(loss, params)
+    optimizer = torch.optim.SGD(ppo.optimizer_groups(model, args, 0.1), lr=0.1)
+    metrics = ppo.ppo_update(model, optimizer, batch, args, 0.0, Accelerator(cpu=True), seed=0)
+    moved = [a - p.detach() for a, p in zip(start, params, strict=True)]
+    with torch.no_grad():
+        for p, a in zip(params, start, strict=True):
+            p.copy_(a)
+    return batch, {**batch_metrics, **stats, **metrics, "loss": loss.item()}, grads, moved
+
+
+@pytest.mark.parametrize("variant", [TOKEN, SEQUENCE])
+def test_update_equals_the_full_vocabulary_update(tiny_model_dir, variant, monkeypatch):
+    """Log-probs and entropies normalised on the completion positions only give the iteration of
+    the full-vocabulary computation: old and reference log-probs, values, advantages, losses,
+    gradients and the parameters after two epochs of minibatch steps, at a sampling temperature,
+    with an infra_error row and an empty completion in the batch."""
+    model, tokenizer = tiny_policy(tiny_model_dir, variant)
+    randomize_adapter(model)
+    if model.value_head is not None:
+        with torch.no_grad():
+            model.value_head.linear.weight.normal_(
+                0.0, 0.1, generator=torch.Generator().manual_seed(1)
+            )
+    rollouts = fake_rollouts()
+    infra, empty = fake_rollouts(count=2, seed=1)
+    infra.mask, infra.reward = False, 0.0
+    empty.completion_ids, empty.reward = [], 0.5
+    rollouts = [infra, *rollouts[:3], empty, *rollouts[3:]]
+    args = ppo.PPOArgs(
+        variant=variant,
+        num_minibatches=2,
+        ppo_epochs=2,
+        temperature=0.7,
+        kl_coef=0.2,
+        ent_coef=0.01,
+        vf_coef=0.5,
+    )
+    pad = tokenizer.pad_token_id
+    batch, metrics, grads, moved = one_ppo_iteration(model, rollouts, pad, args)
+    monkeypatch.setattr(ppo.PolicyWithValue, "forward", reference_forward)
+    monkeypatch.setattr(ppo.PolicyWithValue, "reference_logprobs", reference_reference_logprobs)
+    expected_batch, expected, expected_grads, expected_moved = one_ppo_iteration(
+        model, rollouts, pad, args
+    )
+
+    assert expected["train/updates"] == 4 and expected["train/kl_ref"] > 1e-4
+    mask = expected_batch.mask
+    for name in ("old_logprobs", "ref_logprobs", "advantages", "old_values", "returns"):
+        value, reference = getattr(batch, name), getattr(expected_batch, name)
+        if value is None:
+            assert reference is None, name
+            continue
+        if value.shape == mask.shape:
+            value, reference = value * mask, reference * mask
+        torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-6), name
+    assert metrics.keys() == expected.keys()
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    for grad, reference in zip(grads, expected_grads, strict=True):
+        assert reference.abs().max() > 0
+        torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-9)
+    for delta, reference in zip(moved, expected_moved, strict=True):
+        torch.testing.assert_close(delta, reference, rtol=1e-5, atol=1e-9)
 
 
 def test_adapter_and_value_head_are_clipped_apart(tiny_model_dir):

@@ -18,7 +18,7 @@ from coderl.models import add_adapter, load_model
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, prompt_token_ids
-from tests.helpers import scripted
+from tests.helpers import full_vocab_logprobs, scripted
 from tests.training_fixtures import run_script, script_env
 
 # Fixture toy_data_dir comes from conftest (its plugin).
@@ -210,12 +210,12 @@ def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
     return rows
 
 
-def step_gradients(model, tokenizer, rollouts, advantages, aggregation="sum"):
+def step_gradients(model, tokenizer, rollouts, advantages, aggregation="sum", **options):
     """Gradients of the trainable parameters after one policy_update with SGD(lr=1)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.SGD(params.values(), lr=1.0)
-    args = rl.ReinforceArgs(micro_batch_size=2, token_aggregation=aggregation)
+    args = rl.ReinforceArgs(micro_batch_size=2, token_aggregation=aggregation, **options)
     train_args = rl.RLTrainArgs(output_dir="x", max_grad_norm=0.0)
     stats = rl.policy_update(
         fake_run(), model, optimizer, rollouts, advantages, args, train_args, 0
@@ -331,6 +331,37 @@ def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
         fake_run(), model, optimizer, rollouts, torch.zeros(2), args, rl.RLTrainArgs(), 0
     )
     assert stats.kl == pytest.approx(0.0, abs=1e-7) and stats.loss == pytest.approx(0.0, abs=1e-7)
+
+
+def reference_sampling_logprobs(
+    model, input_ids, attention_mask, temperature=1.0, return_entropy=False, completion_mask=None
+):
+    """``rl.sampling_logprobs`` as the full-vocabulary computation (every position)."""
+    logprobs, entropy = full_vocab_logprobs(model, input_ids, attention_mask, temperature)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, monkeypatch):
+    """Log-probs normalised on the completion positions only give the update of the
+    full-vocabulary computation: loss, KL to the reference, entropy and every gradient, at a
+    sampling temperature, over rows whose prompts and completions differ in length."""
+    model, tokenizer = make_policy(tiny_model_dir)
+    model.eval()
+    tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
+    texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
+    rollouts = fake_rollouts(tokenizer, tasks, texts, [True, False, True])
+    assert len({len(r.prompt_ids) for r in rollouts}) == 3
+    advantages = torch.tensor([0.5, 3.0, -1.25])
+    options = dict(kl_coef=0.3, temperature=0.7)
+    moved, stats = step_gradients(model, tokenizer, rollouts, advantages, **options)
+    monkeypatch.setattr(rl, "sampling_logprobs", reference_sampling_logprobs)
+    expected_moved, expected = step_gradients(model, tokenizer, rollouts, advantages, **options)
+
+    assert expected.kl > 1e-4 and expected.grad_norm > 1e-4
+    for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm"):
+        assert getattr(stats, name) == pytest.approx(getattr(expected, name), rel=1e-6), name
+    for name, delta in moved.items():
+        torch.testing.assert_close(delta, expected_moved[name], rtol=1e-6, atol=1e-9), name
 
 
 # --------------------------------------------------------------------------- options
