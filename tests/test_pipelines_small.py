@@ -80,7 +80,8 @@ def test_small_preset_data_dtype_and_training_runs(small_pipelines, real_model_d
     assert len(val) == 64 and not {t["prompt"] for t in val} & {t["prompt"] for t in pool}
     sft = train_args(out, "sft")
     assert sft["train_file"] == str(data / "toy_python_train.jsonl") and sft["max_steps"] == 2
-    assert sft["model"] == real_model_dir
+    adapter = json.loads((out / "checkpoints/sft/final/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == real_model_dir
     for run in ("sft", "reinforce", "ppo", "grpo", "grpo_tinylora"):
         args = train_args(out, run)
         assert args["dtype"] == dtype and args["prompt_mode"] == "instruct", run
