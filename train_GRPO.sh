@@ -4,6 +4,9 @@
 # reproduces the TinyLoRA seed: GRPO with 32 shared trainable parameters on C++ stdin/stdout tasks.
 #
 #   PRESET=tiny bash train_GRPO.sh   # CPU, offline: the tiny local model on the toy Python tasks
+#   PRESET=small bash train_GRPO.sh  # CPU, offline, under an hour: SmolLM2-135M-Instruct on clean
+#                                    # toy Python tasks: GRPO (LoRA) from the SFT adapter, and
+#                                    # GRPO with TinyLoRA (32 shared parameters) from the base
 #   bash train_GRPO.sh               # one 16-24 GB GPU (internet for the C++ data and models):
 #                                    # HumanEval track: deepseek-coder-1.3b-base, 4-bit QLoRA SFT,
 #                                    #   then GRPO (LoRA) from the SFT adapter;
@@ -15,29 +18,40 @@
 # per checkpoint), $OUT/curves_sft.png and $OUT/curves_grpo.png (training curves); the C++ track
 # writes $OUT/table_cpp.md, $OUT/chart_grpo_cpp.png and $OUT/curves_grpo_cpp.png. The C++ track
 # has no SFT stage: the seed trains the instruct model by RL alone, and a TinyLoRA adapter does not
-# continue a LoRA one. Hyperparameters live in configs/<PRESET>/{sft,grpo,grpo_cpp,eval,eval_cpp}.yaml.
+# continue a LoRA one; for the same reasons the small preset's TinyLoRA row (grpo_tinylora, in
+# table.md) starts from the base. The small preset adds $OUT/table_humaneval.md (base and GRPO
+# (LoRA), greedy on the 164 HumanEval tasks) and $OUT/table_pass8.md (base, SFT and GRPO (LoRA):
+# pass@8 at temperature 0.8). Hyperparameters live in
+# configs/<PRESET>/{sft,grpo,grpo_cpp,grpo_tinylora,eval,eval_cpp,eval_humaneval,eval_pass8}.yaml.
 # A rerun skips finished stages and resumes a killed one (scripts/pipeline_lib.sh); delete a
 # stage's folder to redo it.
 set -euo pipefail
 
 # ---- settings: environment variables, defaults shown ----------------------------------------------
-PRESET=${PRESET:-full}          # full: the seeds' experiments (GPU); tiny: CPU, offline, minutes
+PRESET=${PRESET:-full}          # full: the seeds' experiments (GPU); tiny: CPU, offline, minutes;
+#                                 small: SmolLM2-135M-Instruct on CPU, offline, under an hour
 OUT=${OUT:-results/grpo}        # everything this run writes; the table is $OUT/table.md
 SEED=${SEED:-42}                # training seed (evaluation is greedy)
 DATA=${DATA:-$OUT/data}         # task files, written by prepare_data.py when missing
 MODEL=${MODEL:-}                # base model; empty: full = deepseek-ai/deepseek-coder-1.3b-base,
-#                                 tiny = $OUT/base (a local folder, built when missing)
+#                                 tiny = $OUT/base (a local folder, built when missing),
+#                                 small = $OUT/base (SmolLM2-135M-Instruct, converted when missing)
 CPP_MODEL=${CPP_MODEL-Qwen/Qwen2.5-Coder-3B-Instruct}  # full: the C++ TinyLoRA track's model
 #                                 (an instruct model: configs/full/grpo_cpp.yaml uses its chat
 #                                 template); set it empty to skip the C++ track
 PYTHON=${PYTHON:-python}        # the interpreter that has requirements.txt installed
 EVAL_TASKS=${EVAL_TASKS:-0}     # held-out tasks evaluated per checkpoint (0 = all)
+HUMANEVAL_TASKS=${HUMANEVAL_TASKS:-0} # small: HumanEval tasks evaluated per row (0 = all 164)
+PASS8_TASKS=${PASS8_TASKS:-0}   # small: held-out tasks of the pass@8 rows (0 = the config's 100)
 # Quick checks (0 = the config's value): they override the YAML configs on the command line.
 SFT_MAX_STEPS=${SFT_MAX_STEPS:-0}   # SFT optimizer steps
 RL_MAX_STEPS=${RL_MAX_STEPS:-0}     # GRPO steps
 RL_PROMPTS=${RL_PROMPTS:-0}         # prompts (groups) per GRPO step
 RL_GENERATIONS=${RL_GENERATIONS:-0} # completions sampled per prompt (the group size)
-# OMP_NUM_THREADS (tiny: defaults to the number of cores), HF_HUB_OFFLINE (tiny: 1) pass through.
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-0} # every generation budget (RL, validation, evaluation)
+VAL_TASKS=${VAL_TASKS:-0}           # validation tasks per training run's validation
+# OMP_NUM_THREADS (tiny, small: defaults to the number of cores), HF_HUB_OFFLINE (tiny, small: 1)
+# pass through.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/pipeline_lib.sh
@@ -72,6 +86,14 @@ rl_overrides --num_prompts
 train grpo train_grpo_lora.py --config "$CONFIGS/grpo.yaml" --model "$MODEL" \
   --init_adapter "$(final_adapter sft)" --train_file "$RL_FILE" ${RL_FLAGS[@]+"${RL_FLAGS[@]}"}
 add_row grpo "GRPO (LoRA)" "$(final_adapter grpo)"
+GRPO_RUNS=(grpo)
+if [ "$PRESET" = small ]; then
+  # The TinyLoRA seed's setting beside it: 32 shared parameters, from the base, no SFT.
+  train grpo_tinylora train_grpo_lora.py --config "$CONFIGS/grpo_tinylora.yaml" --model "$MODEL" \
+    --train_file "$RL_FILE" ${RL_FLAGS[@]+"${RL_FLAGS[@]}"}
+  GRPO_RUNS+=(grpo_tinylora)
+  add_row grpo_tinylora "GRPO (TinyLoRA)" "$(final_adapter grpo_tinylora)"
+fi
 
 if $CPP_TRACK; then
   train grpo_cpp train_grpo_lora.py --config "$CONFIGS/grpo_cpp.yaml" --model "$CPP_MODEL" \
@@ -82,7 +104,12 @@ fi
 evaluate_rows "$TEST_FILE" "$OUT/table.md" --config "$CONFIGS/eval.yaml" --limit "$EVAL_TASKS"
 chart "$OUT/chart_grpo.png" "${ROW_NAMES[@]}"
 curves "$OUT/curves_sft.png" "SFT" sft
-curves "$OUT/curves_grpo.png" "GRPO" grpo
+curves "$OUT/curves_grpo.png" "GRPO" "${GRPO_RUNS[@]}"
+if [ "$PRESET" = small ]; then
+  evaluate_small_extras grpo # the LoRA chain's RL row, comparable with base and SFT
+  show_table "$OUT/table_humaneval.md"
+  show_table "$OUT/table_pass8.md"
+fi
 if $CPP_TRACK; then
   clear_rows
   add_row cpp_base "Base (instruct)" "$CPP_MODEL"

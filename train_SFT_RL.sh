@@ -3,33 +3,44 @@
 # evaluated greedily on the same held-out tasks with the same settings.
 #
 #   PRESET=tiny bash train_SFT_RL.sh   # CPU, offline: the tiny local model on the toy Python tasks
+#   PRESET=small bash train_SFT_RL.sh  # CPU, offline, under an hour: SmolLM2-135M-Instruct
+#                                      # (converted by prepare_model.py) on clean toy Python tasks
 #   bash train_SFT_RL.sh               # one 16-24 GB GPU: the seed's runs on deepseek-coder-1.3b-base
 #                                      # (4-bit QLoRA; REINFORCE with length penalty 0.01 and 0.03)
 #
 # Chain: prepare data -> build (tiny) or load (full) the base -> SFT -> REINFORCE -> evaluate every
 # checkpoint -> $OUT/table.md (the seed's columns), $OUT/chart_sft_rl.png (pass@1 and average
-# length per checkpoint), $OUT/curves_sft.png and $OUT/curves_sft_rl.png (training curves).
+# length per checkpoint), $OUT/curves_sft.png and $OUT/curves_sft_rl.png (training curves); the
+# small preset adds $OUT/table_humaneval.md (base and the RL row, greedy on the 164 HumanEval
+# tasks) and $OUT/table_pass8.md (base, SFT and the RL row: pass@8 at temperature 0.8).
 # Hyperparameters live in configs/<PRESET>/{sft,reinforce,eval}.yaml. A rerun skips finished
 # stages and resumes a killed one (scripts/pipeline_lib.sh); delete a stage's folder to redo it.
 set -euo pipefail
 
 # ---- settings: environment variables, defaults shown ----------------------------------------------
-PRESET=${PRESET:-full}          # full: the seed's experiment (GPU); tiny: CPU, offline, minutes
+PRESET=${PRESET:-full}          # full: the seed's experiment (GPU); tiny: CPU, offline, minutes;
+#                                 small: SmolLM2-135M-Instruct on CPU, offline, under an hour
 OUT=${OUT:-results/sft_rl}      # everything this run writes; the table is $OUT/table.md
 SEED=${SEED:-42}                # training seed (evaluation is greedy)
 DATA=${DATA:-$OUT/data}         # task files, written by prepare_data.py when missing
 MODEL=${MODEL:-}                # base model; empty: full = deepseek-ai/deepseek-coder-1.3b-base,
-#                                 tiny = $OUT/base (a local folder, built when missing)
+#                                 tiny = $OUT/base (a local folder, built when missing),
+#                                 small = $OUT/base (SmolLM2-135M-Instruct, converted when missing)
 PYTHON=${PYTHON:-python}        # the interpreter that has requirements.txt installed
 ALPHAS=${ALPHAS:-}              # REINFORCE length-penalty alphas, one run each; empty: full =
 #                                 "0.01 0.03" (the seed's), tiny = one run with the config's reward
 EVAL_TASKS=${EVAL_TASKS:-0}     # held-out tasks evaluated per checkpoint (0 = all)
+HUMANEVAL_TASKS=${HUMANEVAL_TASKS:-0} # small: HumanEval tasks evaluated per row (0 = all 164)
+PASS8_TASKS=${PASS8_TASKS:-0}   # small: held-out tasks of the pass@8 rows (0 = the config's 100)
 # Quick checks (0 = the config's value): they override the YAML configs on the command line.
 SFT_MAX_STEPS=${SFT_MAX_STEPS:-0}   # SFT optimizer steps
 RL_MAX_STEPS=${RL_MAX_STEPS:-0}     # RL steps
 RL_PROMPTS=${RL_PROMPTS:-0}         # prompts per RL step
 RL_GENERATIONS=${RL_GENERATIONS:-0} # completions sampled per prompt
-# OMP_NUM_THREADS (tiny: defaults to the number of cores), HF_HUB_OFFLINE (tiny: 1) pass through.
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-0} # every generation budget (RL, validation, evaluation)
+VAL_TASKS=${VAL_TASKS:-0}           # validation tasks per training run's validation
+# OMP_NUM_THREADS (tiny, small: defaults to the number of cores), HF_HUB_OFFLINE (tiny, small: 1)
+# pass through.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/pipeline_lib.sh
@@ -72,5 +83,10 @@ evaluate_rows "$TEST_FILE" "$OUT/table.md" --config "$CONFIGS/eval.yaml" --limit
 chart "$OUT/chart_sft_rl.png" "${ROW_NAMES[@]}"
 curves "$OUT/curves_sft.png" "SFT" sft
 curves "$OUT/curves_sft_rl.png" "REINFORCE" "${RL_RUNS[@]}"
+if [ "$PRESET" = small ]; then
+  evaluate_small_extras "${RL_RUNS[-1]}"
+  show_table "$OUT/table_humaneval.md"
+  show_table "$OUT/table_pass8.md"
+fi
 show_table "$OUT/table.md"
 log "train_SFT_RL.sh finished in $(elapsed)"

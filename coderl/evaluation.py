@@ -11,10 +11,18 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
-TABLE_HEADER = (
-    "| Model / Checkpoint | Method | pass@1 | #passed / #tasks | Avg. length |\n"
-    "|---|---|:---:|:---:|:---:|"
-)
+
+def table_header(k: int = 1) -> str:
+    """The markdown table's header: the seed's columns for k = 1; for k > 1 the score is pass@k
+    and the count is of tasks that any sample solved (with n = k samples, pass@k itself)."""
+    count = "#passed" if k == 1 else "#solved"
+    return (
+        f"| Model / Checkpoint | Method | pass@{k} | {count} / #tasks | Avg. length |\n"
+        "|---|---|:---:|:---:|:---:|"
+    )
+
+
+TABLE_HEADER = table_header(1)
 _FENCE_LINE = re.compile(r"^[ \t]*```", re.M)
 
 
@@ -137,6 +145,7 @@ def summarize(results: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict
         "samples_per_task": min_n,
         "pass@k": pass_k,
         "passed_tasks": sum(bool(r["passed"]) for r in first.values()),
+        "solved_tasks": sum(1 for _, c in counts.values() if c > 0),
         "status_counts": dict(sorted(Counter(r["status"] for r in results).items())),
         "avg_num_tokens": (sum(lengths) / len(lengths)) if lengths else None,
     }
@@ -151,12 +160,13 @@ def summarize(results: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict
     return summary
 
 
-def table_row(name: str, method: str, summary: dict) -> str:
-    """One row of the markdown table in the seed's columns."""
-    p1 = summary["pass@k"].get("pass@1", float("nan"))
+def table_row(name: str, method: str, summary: dict, k: int = 1) -> str:
+    """One row of the markdown table of ``table_header(k)`` (k = 1: the seed's columns)."""
+    score = summary["pass@k"].get(f"pass@{k}", float("nan"))
+    count = summary["passed_tasks"] if k == 1 else summary["solved_tasks"]
     avg = summary.get("avg_num_tokens")
     avg_text = "-" if avg is None else f"{avg:.2f}"
-    return f"| `{name}` | {method} | {p1:.3f} | {summary['passed_tasks']} / {summary['num_tasks']} | {avg_text} |"
+    return f"| `{name}` | {method} | {score:.3f} | {count} / {summary['num_tasks']} | {avg_text} |"
 
 
 def per_task_diff(a: Sequence[dict], b: Sequence[dict]) -> dict[str, list[str]]:

@@ -348,23 +348,29 @@ def generate_toy_cpp(
 def toy_python_splits(
     counts: dict[str, int], max_ops: int = 3, seed: int = 42, flawed_share: float = 0.0
 ) -> dict:
-    """Python tasks per split (``train``, ``test`` and optionally ``rl``), structures disjoint.
+    """Python tasks per split (``train``, ``test``, optionally ``rl`` and ``val``), structures disjoint.
 
     The ``rl`` pool is for reinforcement learning from tests: prompts whose structures neither
-    the SFT demonstrations (``train``) nor the held-out tasks (``test``) use. The test split does
-    not depend on the other counts; the train split depends on whether a pool is asked for (the
-    pool takes a share of its structures). ``flawed_share`` of the train rows get a solution that
-    drops the last step (module docstring); the other splits do not depend on it.
+    the SFT demonstrations (``train``) nor the held-out tasks (``test``) use. ``val`` is a
+    validation slice held back from that pool: other tasks of the pool's structures, to choose
+    settings on without touching ``test``; asking for it leaves ``rl`` as it was. The test split
+    does not depend on the other counts; the train split depends on whether a pool is asked for
+    (the pool takes a share of its structures). ``flawed_share`` of the train rows get a solution
+    that drops the last step (module docstring); the other splits do not depend on it.
     """
     _check_share(flawed_share)
-    num = _choose_specs(NUM, {s: (n + 1) // 2 for s, n in counts.items()}, max_ops, seed)
-    lists = _choose_specs(LIST, {s: n // 2 for s, n in counts.items()}, max_ops, seed)
+    pool = _pool_counts(counts)
+    num = _choose_specs(NUM, {s: (n + 1) // 2 for s, n in pool.items()}, max_ops, seed)
+    lists = _choose_specs(LIST, {s: n // 2 for s, n in pool.items()}, max_ops, seed)
+    rows = _hold_back_validation(
+        {split: _alternate(num[split], lists[split]) for split in pool}, counts
+    )
     return {
         split: [
             _render_python(
                 spec, inputs, f"toy_python/{split}/{i}", _flawed(spec, split, flawed_share, seed)
             )
-            for i, (spec, inputs) in enumerate(_alternate(num[split], lists[split]))
+            for i, (spec, inputs) in enumerate(rows[split])
         ]
         for split in counts
     }
@@ -375,16 +381,38 @@ def toy_cpp_splits(
 ) -> dict:
     """C++ stdin/stdout tasks per split, as ``toy_python_splits``."""
     _check_share(flawed_share)
-    chosen = _choose_specs(CPP, counts, max_ops, seed)
+    rows = _hold_back_validation(_choose_specs(CPP, _pool_counts(counts), max_ops, seed), counts)
     return {
         split: [
             _render_cpp(
                 spec, inputs, f"toy_cpp/{split}/{i}", _flawed(spec, split, flawed_share, seed)
             )
-            for i, (spec, inputs) in enumerate(rows)
+            for i, (spec, inputs) in enumerate(rows[split])
         ]
-        for split, rows in chosen.items()
+        for split in counts
     }
+
+
+def _pool_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The counts to draw: a validation slice is drawn as the tail of a larger RL pool.
+
+    Drawn that way, the pool's first ``rl`` tasks are the ones a request without ``val`` gets, so
+    holding a slice back changes no training file.
+    """
+    pool = {split: n for split, n in counts.items() if split != "val"}
+    if counts.get("val", 0) > 0:
+        if pool.get("rl", 0) <= 0:
+            raise UserError("a validation slice is held back from the RL pool: ask for rl > 0")
+        pool["rl"] += counts["val"]
+    return pool
+
+
+def _hold_back_validation(rows: dict[str, list], counts: dict[str, int]) -> dict[str, list]:
+    """``rows`` with the tail of the drawn RL pool moved to ``val`` (see ``_pool_counts``)."""
+    if "val" not in counts:
+        return rows
+    pool, kept = rows.get("rl", []), counts.get("rl", 0)
+    return {**rows, "rl": pool[:kept], "val": pool[kept:]}
 
 
 def _alternate(first: list, second: list) -> list:

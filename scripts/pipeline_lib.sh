@@ -4,6 +4,7 @@
 # Every stage is skipped when its output is complete and resumed when a run was killed:
 #   data      the task files exist                       -> prepare_data.py is not run
 #   base      <base>/config.json exists                  -> the tiny model is not built again
+#                                                           (small: the real one not converted)
 #   train     checkpoints/<name>/final/ holds an adapter -> skipped; checkpoint-* left -> --resume
 #   eval      eval/<name>/summary.json, same settings, row in the table -> skipped; a killed
 #             evaluation resumes; changed settings (or a retrained checkpoint) start it over
@@ -16,6 +17,7 @@
 #   runs/<name>/         metrics.jsonl and TensorBoard logs of a training run
 #   models/<name>        a link to what row <name> evaluates (so the table names rows by <name>)
 #   eval/<name>/         samples.jsonl, results.jsonl, summary.json of one evaluation
+#   eval_humaneval/<name>/, eval_pass8/<name>/  the small preset's further evaluations
 #   .stamps/             what each finished evaluation and chart was made from (for skipping)
 
 # log MESSAGE: a stage line on stderr, with the time since the pipeline started.
@@ -31,8 +33,8 @@ die() {
 
 check_preset() {
   case "$1" in
-    tiny | full) ;;
-    *) die "unknown PRESET=$1 (choose tiny or full)" ;;
+    tiny | small | full) ;;
+    *) die "unknown PRESET=$1 (choose tiny, small or full)" ;;
   esac
 }
 
@@ -105,20 +107,25 @@ config_contents() {
 
 # setup_preset: what PRESET means, for every pipeline. Sets CONFIGS (configs/<PRESET>), MODEL's
 # default, the task files SFT_FILE (demonstrations), RL_FILE (RL prompts with tests) and
-# TEST_FILE (held out: every evaluation), and SFT_METHOD (the SFT row's label). OUT, DATA and a
-# local MODEL are made absolute: adapters record their base by path, and evaluation runs from
-# $OUT/models.
+# TEST_FILE (held out: every evaluation), and SFT_METHOD (the SFT row's label); for the small
+# preset also VAL_FILE (held back from the RL pool, the training runs' --eval_file) and
+# HUMANEVAL_FILE. MODEL_FLAGS go to every training run and evaluation, TRAIN_FLAGS to every
+# training run. OUT, DATA and a local MODEL are made absolute: adapters record their base by
+# path, and evaluation runs from $OUT/models.
 # shellcheck disable=SC2034  # the globals set here are read by the pipelines
 setup_preset() {
   command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: no such interpreter"
   OUT=$(absolute "$OUT")
   DATA=$(absolute "$DATA")
   CONFIGS="$REPO/configs/$PRESET"
+  MODEL_FLAGS=()
+  TRAIN_FLAGS=()
   export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-  if [ "$PRESET" = tiny ]; then
+  if [ "$PRESET" = tiny ] || [ "$PRESET" = small ]; then
     MODEL=$(absolute "${MODEL:-$OUT/base}")
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(cpu_count)}
-    # Everything the tiny preset needs is local: never wait on the network.
+    # Everything the CPU presets need is local (the small model's wheel is cached after its
+    # first download): never wait on the network.
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
     SFT_FILE=$DATA/toy_python_train.jsonl
     RL_FILE=$DATA/toy_python_rl.jsonl
@@ -133,28 +140,62 @@ setup_preset() {
     TEST_FILE=$DATA/humaneval_test.jsonl
     SFT_METHOD="SFT (QLoRA + LoRA)"
   fi
+  if [ "$PRESET" = small ]; then
+    VAL_FILE=$DATA/toy_python_val.jsonl
+    HUMANEVAL_FILE=$DATA/humaneval.jsonl
+    TRAIN_FLAGS=(--eval_file "$VAL_FILE")
+    choose_small_dtype
+  fi
   mkdir -p "$OUT"
+}
+
+# choose_small_dtype: bf16 weights where the CPU computes bf16 in hardware (about twice as fast
+# as fp32 there; emulated elsewhere, and slower), else fp32; says which. The Python scripts'
+# --dtype auto stays fp32 on CPU: the choice is the preset's, passed as --dtype.
+choose_small_dtype() {
+  local feature
+  feature=$(cd "$REPO" && "$PYTHON" -m coderl.cpu) || die "could not read the CPU's features"
+  if [ -n "$feature" ]; then
+    MODEL_FLAGS=(--dtype bfloat16)
+    log "small preset: bf16 (CPU has $feature)"
+  else
+    MODEL_FLAGS=(--dtype float32)
+    log "small preset: fp32 (no bf16 support detected)"
+  fi
 }
 
 # prepare_preset_data: the task files of setup_preset. Tiny: toy Python tasks of one or two
 # steps; 1000 demonstrations, half of them flawed (each forgets its task's last step, as noisy
 # scraped data does; see the README's "Tiny preset"), an RL pool of 600 prompts with tests, and
-# 300 held-out tasks, never flawed.
+# 300 held-out tasks, never flawed. Small: the same families with clean demonstrations (256),
+# the RL pool (600) with 64 more of its tasks held back for validation, 200 held-out tasks, and
+# the 164 HumanEval tasks.
 prepare_preset_data() {
   if [ "$PRESET" = tiny ]; then
     prepare_data "$DATA" toy_python_train.jsonl toy_python_rl.jsonl toy_python_test.jsonl \
       -- --source toy --toy_max_ops 2 --toy_python_train 1000 --toy_python_rl 600 \
       --toy_python_test 300 --toy_flawed_demos 0.5
+  elif [ "$PRESET" = small ]; then
+    prepare_data "$DATA" toy_python_train.jsonl toy_python_rl.jsonl toy_python_val.jsonl \
+      toy_python_test.jsonl humaneval.jsonl -- --source toy,humaneval --toy_max_ops 2 \
+      --toy_python_train 256 --toy_python_rl 600 --toy_python_val 64 --toy_python_test 200
+    # Files left by a tiny run in the same DATA would be taken as they are.
+    if grep -q '"flaw"' "$SFT_FILE"; then
+      die "$SFT_FILE holds flawed demonstrations (a tiny preset's); the small preset uses clean ones: use another OUT or DATA"
+    fi
   else
     prepare_data "$DATA" humaneval_train.jsonl humaneval_test.jsonl -- --source humaneval
   fi
 }
 
 # prepare_base: build the tiny model (its tokenizer learns the SFT and RL files, never the
-# held-out ones), or say where the full preset's base comes from.
+# held-out ones), convert the small preset's real one, or say where the full preset's base
+# comes from.
 prepare_base() {
   if [ "$PRESET" = tiny ]; then
     build_tiny_base "$MODEL" "$SFT_FILE" "$RL_FILE"
+  elif [ "$PRESET" = small ]; then
+    prepare_real_base "$MODEL"
   elif [ -d "$MODEL" ]; then
     skip "base model ($MODEL, a local folder)"
   else
@@ -162,22 +203,45 @@ prepare_base() {
   fi
 }
 
-# train_sft: the SFT stage (configs/<PRESET>/sft.yaml; SFT_MAX_STEPS > 0 overrides its length).
+# train_sft: the SFT stage (configs/<PRESET>/sft.yaml; SFT_MAX_STEPS > 0 overrides its length,
+# VAL_TASKS and MAX_NEW_TOKENS its validation).
 train_sft() {
   local flags=()
   if [ "${SFT_MAX_STEPS:-0}" -gt 0 ]; then flags=(--max_steps "$SFT_MAX_STEPS"); fi
+  validation_overrides
+  flags+=(${VAL_OVERRIDES[@]+"${VAL_OVERRIDES[@]}"})
   train sft train_sft_lora.py --config "$CONFIGS/sft.yaml" --model "$MODEL" \
     --train_file "$SFT_FILE" ${flags[@]+"${flags[@]}"}
 }
 
 # rl_overrides PROMPTS_OPTION: set RL_FLAGS to the quick-check overrides of the RL configs
-# (RL_MAX_STEPS, RL_PROMPTS, RL_GENERATIONS; 0 = keep the config's). PROMPTS_OPTION is the
-# script's name for prompts per step (--batch_size or --num_prompts).
+# (RL_MAX_STEPS, RL_PROMPTS, RL_GENERATIONS, MAX_NEW_TOKENS, VAL_TASKS; 0 = keep the config's).
+# PROMPTS_OPTION is the script's name for prompts per step (--batch_size or --num_prompts).
 rl_overrides() {
   RL_FLAGS=()
   if [ "${RL_MAX_STEPS:-0}" -gt 0 ]; then RL_FLAGS+=(--max_steps "$RL_MAX_STEPS"); fi
   if [ "${RL_PROMPTS:-0}" -gt 0 ]; then RL_FLAGS+=("$1" "$RL_PROMPTS"); fi
   if [ "${RL_GENERATIONS:-0}" -gt 0 ]; then RL_FLAGS+=(--num_generations "$RL_GENERATIONS"); fi
+  if [ "${MAX_NEW_TOKENS:-0}" -gt 0 ]; then RL_FLAGS+=(--max_new_tokens "$MAX_NEW_TOKENS"); fi
+  validation_overrides
+  RL_FLAGS+=(${VAL_OVERRIDES[@]+"${VAL_OVERRIDES[@]}"})
+}
+
+# validation_overrides: set VAL_OVERRIDES to the quick-check overrides of a training run's
+# validation (VAL_TASKS, MAX_NEW_TOKENS; 0 = keep the config's).
+validation_overrides() {
+  VAL_OVERRIDES=()
+  if [ "${VAL_TASKS:-0}" -gt 0 ]; then VAL_OVERRIDES+=(--eval_tasks "$VAL_TASKS"); fi
+  if [ "${MAX_NEW_TOKENS:-0}" -gt 0 ]; then
+    VAL_OVERRIDES+=(--eval_max_new_tokens "$MAX_NEW_TOKENS")
+  fi
+}
+
+# eval_overrides: set EVAL_FLAGS to the quick-check override of every evaluation's generation
+# budget (MAX_NEW_TOKENS; 0 = keep the config's).
+eval_overrides() {
+  EVAL_FLAGS=()
+  if [ "${MAX_NEW_TOKENS:-0}" -gt 0 ]; then EVAL_FLAGS+=(--max_new_tokens "$MAX_NEW_TOKENS"); fi
 }
 
 # prepare_data DIR FILE... -- ARGS...: write task files with prepare_data.py ARGS unless every
@@ -219,6 +283,20 @@ build_tiny_base() {
   mv "$dir.partial" "$dir"
 }
 
+# prepare_real_base DIR: convert SmolLM2-135M-Instruct into DIR with prepare_model.py unless it
+# is there (prepare_model.py writes beside DIR and renames, so DIR never holds half a model).
+prepare_real_base() {
+  local dir=$1
+  if [ -f "$dir/config.json" ]; then
+    skip "base model ($dir)"
+    return 0
+  fi
+  [ ! -e "$dir" ] || die "$dir exists but holds no model (no config.json); remove it or set MODEL"
+  log "convert SmolLM2-135M-Instruct -> $dir"
+  "$PYTHON" "$REPO/prepare_model.py" smollm2-135m-instruct --out_dir "$dir"
+  [ -f "$dir/config.json" ] || die "prepare_model.py wrote no $dir/config.json"
+}
+
 # stage_done DIR: a training stage is complete when DIR/final holds an adapter.
 stage_done() { [ -f "$1/final/adapter_config.json" ]; }
 
@@ -242,7 +320,8 @@ train() {
     log "train $name ($script)"
   fi
   "$PYTHON" "$REPO/$script" --output_dir "$out" --logging_dir "$OUT/runs" --run_name "$name" \
-    --seed "$SEED" ${resume[@]+"${resume[@]}"} "$@"
+    --seed "$SEED" ${resume[@]+"${resume[@]}"} ${MODEL_FLAGS[@]+"${MODEL_FLAGS[@]}"} \
+    ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} "$@"
   stage_done "$out" || die "$script finished without writing $out/final"
 }
 
@@ -281,33 +360,38 @@ model_ref() {
 
 # evaluate NAME METHOD SOURCE TASKS TABLE ARGS...: evaluate one checkpoint with eval_humaneval.py
 # (ARGS: its settings, the same for every row) into $OUT/eval/NAME and put its row in TABLE.
-evaluate() {
-  local name=$1 method=$2 source=$3 tasks=$4 table=$5
-  shift 5
-  local out="$OUT/eval/$name" model stamp
+evaluate() { evaluate_in eval "$@"; }
+
+# evaluate_in DIR NAME ...: evaluate, into $OUT/DIR/NAME (another evaluation of the same row).
+evaluate_in() {
+  local dir=$1 name=$2 method=$3 source=$4 tasks=$5 table=$6
+  shift 6
+  set -- ${MODEL_FLAGS[@]+"${MODEL_FLAGS[@]}"} "$@"
+  local out="$OUT/$dir/$name" key="${dir}_$name" model stamp
   model=$(model_ref "$name" "$source")
   stamp=$(
     printf '%s\n' "$model" "$tasks" "$@"
     config_contents "$@"
     fingerprint "$source" "$tasks"
   )
-  if [ -f "$out/summary.json" ] && stamp_matches "eval_$name" "$stamp" \
+  local label="${dir//_/ } $name" # "eval base", "eval humaneval base", "eval pass8 base"
+  if [ -f "$out/summary.json" ] && stamp_matches "$key" "$stamp" \
     && grep -qF "| \`$model\` |" "$table" 2> /dev/null; then
-    skip "eval $name"
+    skip "$label"
     return 0
   fi
   local overwrite=()
-  if [ -f "$(stamp_file "eval_$name")" ] && ! stamp_matches "eval_$name" "$stamp"; then
+  if [ -f "$(stamp_file "$key")" ] && ! stamp_matches "$key" "$stamp"; then
     # Another checkpoint or other settings than the folder holds: its rows would not compare.
     overwrite=(--overwrite)
-    log "eval $name ($method): settings or checkpoint changed, starting over"
+    log "$label ($method): settings or checkpoint changed, starting over"
   elif [ -f "$out/summary.json" ]; then
-    log "eval $name ($method): re-reading the finished evaluation"
+    log "$label ($method): re-reading the finished evaluation"
   else
-    log "eval $name ($method)"
+    log "$label ($method)"
   fi
   mkdir -p "$out" "$OUT/models" "$(dirname "$table")"
-  write_stamp "eval_$name" "$stamp"
+  write_stamp "$key" "$stamp"
   # Run from models/ so that a linked checkpoint is named by its row name.
   (
     cd "$OUT/models" || exit
@@ -320,8 +404,40 @@ evaluate() {
 evaluate_rows() {
   local tasks=$1 table=$2 i
   shift 2
+  eval_overrides
   for i in "${!ROW_NAMES[@]}"; do
-    evaluate "${ROW_NAMES[$i]}" "${ROW_METHODS[$i]}" "${ROW_SOURCES[$i]}" "$tasks" "$table" "$@"
+    evaluate "${ROW_NAMES[$i]}" "${ROW_METHODS[$i]}" "${ROW_SOURCES[$i]}" "$tasks" "$table" \
+      "$@" ${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"}
+  done
+}
+
+# evaluate_small_extras RL_NAME: the small preset's evaluations beyond table.md, of the rows
+# added with add_row: base and RL_NAME greedy on HumanEval ($OUT/table_humaneval.md; HUMANEVAL_TASKS
+# > 0 takes the first N), and base, sft and RL_NAME by pass@8 on the first held-out tasks
+# ($OUT/table_pass8.md; configs/small/eval_pass8.yaml, PASS8_TASKS > 0 overrides its count).
+evaluate_small_extras() {
+  local rl=$1 i name method source
+  local humaneval=(--config "$CONFIGS/eval_humaneval.yaml" --limit "${HUMANEVAL_TASKS:-0}")
+  local pass8=(--config "$CONFIGS/eval_pass8.yaml")
+  if [ "${PASS8_TASKS:-0}" -gt 0 ]; then pass8+=(--limit "$PASS8_TASKS"); fi
+  eval_overrides
+  for i in "${!ROW_NAMES[@]}"; do
+    name=${ROW_NAMES[$i]} method=${ROW_METHODS[$i]} source=${ROW_SOURCES[$i]}
+    case "$name" in
+      base | "$rl")
+        evaluate_in eval_humaneval "$name" "$method" "$source" "$HUMANEVAL_FILE" \
+          "$OUT/table_humaneval.md" "${humaneval[@]}" ${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"}
+        ;;
+    esac
+  done
+  for i in "${!ROW_NAMES[@]}"; do
+    name=${ROW_NAMES[$i]} method=${ROW_METHODS[$i]} source=${ROW_SOURCES[$i]}
+    case "$name" in
+      base | sft | "$rl")
+        evaluate_in eval_pass8 "$name" "$method" "$source" "$TEST_FILE" "$OUT/table_pass8.md" \
+          "${pass8[@]}" ${EVAL_FLAGS[@]+"${EVAL_FLAGS[@]}"}
+        ;;
+    esac
   done
 }
 

@@ -86,6 +86,41 @@ def test_wrong_samples_fail_and_pass_at_k_uses_every_sample(tmp_path):
     assert [r["completion_id"] for r in read_rows(tmp_path / "o" / "results.jsonl")] == [0, 1] * 3
 
 
+def test_table_k_makes_a_pass_at_k_table_and_refuses_to_mix_it_with_pass_at_1(tmp_path):
+    tasks = humaneval_tasks()[:3]
+    samples = []
+    for t, solved in zip(tasks, (2, 1, 0), strict=True):
+        wrong = {"task_id": t["task_id"], "completion": "    return None\n"}
+        right = {"task_id": t["task_id"], "completion": t["canonical_solution"]}
+        samples += [wrong, right] if solved == 1 else [right, right] if solved else [wrong, wrong]
+    write_jsonl(tmp_path / "s.jsonl", samples)
+    write_jsonl(tmp_path / "p.jsonl", tasks)
+    table = tmp_path / "pass2.md"
+    common = ["--problems", tmp_path / "p.jsonl", "--samples", tmp_path / "s.jsonl", "--ks", "1,2"]
+    run_eval(*common, "--output_dir", tmp_path / "o", "--table", table, "--table_k", "2")
+    assert table.read_text().splitlines() == [
+        "| Model / Checkpoint | Method | pass@2 | #solved / #tasks | Avg. length |",
+        "|---|---|:---:|:---:|:---:|",
+        "| `s.jsonl` | Samples | 0.667 | 2 / 3 | - |",
+    ]
+    proc = run_eval(*common, "--output_dir", tmp_path / "o1", "--table", table, check=False)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == f"error: {table} is not a table of pass@1 rows; use another --table"
+    )
+    proc = run_eval(*common, "--output_dir", tmp_path / "o3", "--table_k", "3", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --table_k 3: every task needs at least 3 samples"
+    )
+    proc = run_eval(
+        "--problems", tmp_path / "p.jsonl", "--model", "m", "--output_dir", tmp_path / "g",
+        "--table_k", "8", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --table_k 8 needs --n_samples >= 8"
+
+
 def test_malformed_sample_line_and_unknown_task_are_one_line_errors(tmp_path):
     problems = tmp_path / "p.jsonl"
     write_jsonl(problems, humaneval_tasks()[:2])

@@ -5,9 +5,11 @@ from math import comb
 import pytest
 
 from coderl.evaluation import (
+    TABLE_HEADER,
     pass_at_k,
     per_task_diff,
     summarize,
+    table_header,
     table_row,
     wilson_interval,
 )
@@ -72,6 +74,18 @@ def test_summarize_counts_and_pass_at_k():
     assert s["status_counts"] == {"failed": 7, "passed": 5}
     assert s["passed_tasks"] == 2  # first samples of a and c
     assert s["avg_num_tokens"] == pytest.approx(11.5)
+
+
+def test_table_of_pass_at_k_counts_tasks_any_sample_solved():
+    results = rows({"a": [False, True], "b": [False, False], "c": [True, True]})
+    s = summarize(results, ks=(1, 2))
+    assert s["passed_tasks"] == 1 and s["solved_tasks"] == 2
+    assert table_header(2).splitlines()[0] == (
+        "| Model / Checkpoint | Method | pass@2 | #solved / #tasks | Avg. length |"
+    )
+    assert table_header(1) == TABLE_HEADER
+    assert table_row("m", "SFT", s, k=2) == "| `m` | SFT | 0.667 | 2 / 3 | 10.50 |"
+    assert table_row("m", "SFT", s) == "| `m` | SFT | 0.500 | 1 / 3 | 10.50 |"
 
 
 def test_summarize_greedy_pass_at_1_equals_fraction_of_tasks():

@@ -237,7 +237,7 @@ def test_an_unknown_preset_is_one_line_and_exit_2(tmp_path):
     for script in PIPELINES:
         run = run_pipeline(script, tmp_path / "out", cwd=tmp_path, PRESET="huge")
         assert run["rc"] == 2
-        assert run["stderr"].strip() == "error: unknown PRESET=huge (choose tiny or full)"
+        assert run["stderr"].strip() == "error: unknown PRESET=huge (choose tiny, small or full)"
         assert not (tmp_path / "out").exists()
 
 

@@ -107,6 +107,10 @@ def test_help_documents_every_option():
         ),
         (["--source", " , "], "--source is empty"),
         (["--toy_python_test", "-1"], "--toy_python_test must be in [0, inf), got -1"),
+        (
+            ["--source", "toy", "--toy_cpp_rl", "0", "--toy_cpp_val", "5"],
+            "a validation slice is held back from the RL pool: ask for rl > 0",
+        ),
         (["--toy_max_ops", "0"], "--toy_max_ops must be in [1, inf), got 0"),
         (["--toy_flawed_demos", "1.5"], "--toy_flawed_demos must be in [0, 1], got 1.5"),
         (["--humaneval_test_size", "0"], "--humaneval_test_size must be in [1, 163], got 0"),
@@ -136,6 +140,25 @@ def test_options_are_parsed_and_toy_sizes_follow_them(tmp_path, capsys):
     assert not (tmp_path / "toy_cpp_rl.jsonl").exists()  # 0 = no pool
     solutions = [t["canonical_solution"] for t in load_tasks(tmp_path / "toy_python_train.jsonl")]
     assert max(solution.count("\n") for solution in solutions) == 3  # 2 steps + return
+
+
+def test_validation_slice_is_its_own_file_and_leaves_the_rl_pool_as_it_was(tmp_path, capsys):
+    plain, held = tmp_path / "plain", tmp_path / "held"
+    prepare_data.main(["--output_dir", str(plain), "--source", "toy", *SMALL_TOY])
+    prepare_data.main(
+        ["--output_dir", str(held), "--source", "toy", *SMALL_TOY, "--toy_python_val", "12"]
+    )
+    assert f"wrote {held / 'toy_python_val.jsonl'} (12 tasks)" in capsys.readouterr().out
+    assert (held / "toy_python_rl.jsonl").read_bytes() == (
+        plain / "toy_python_rl.jsonl"
+    ).read_bytes()
+    assert (
+        not (plain / "toy_python_val.jsonl").exists() and not (held / "toy_cpp_val.jsonl").exists()
+    )
+    val = load_tasks(held / "toy_python_val.jsonl")
+    assert not {t["prompt"] for t in val} & {
+        t["prompt"] for t in load_tasks(held / "toy_python_rl.jsonl")
+    }
 
 
 def test_flawed_demonstrations_are_counted_and_marked(tmp_path, capsys):

@@ -199,6 +199,26 @@ def test_rl_pool_structures_are_disjoint_from_train_and_test(make):
         make({"dev": 3})
 
 
+@pytest.mark.parametrize("make", [toy_python_splits, toy_cpp_splits])
+def test_validation_slice_is_held_back_from_the_rl_pool_and_changes_no_other_split(make):
+    plain = make({"train": 60, "test": 30, "rl": 41}, 2, 7)
+    held = make({"train": 60, "test": 30, "rl": 41, "val": 25}, 2, 7)
+    for split in ("train", "test", "rl"):
+        assert held[split] == plain[split], split
+    val = held["val"]
+    assert len(val) == 25
+    assert [t["task_id"].split("/")[1:] for t in val[:2]] == [["val", "0"], ["val", "1"]]
+    # Other tasks than the pool's, of structures neither train nor test uses.
+    assert not {t["prompt"] for t in val} & {t["prompt"] for t in held["rl"]}
+    multi_val = {structure(t) for t in val if steps(t) > 1}
+    assert multi_val
+    for split in ("train", "test"):
+        assert not multi_val & {structure(t) for t in held[split] if steps(t) > 1}, split
+    assert not any("flaw" in t for t in make({"rl": 4, "val": 4}, 2, 7, flawed_share=1.0)["val"])
+    with pytest.raises(UserError, match="held back from the RL pool"):
+        make({"train": 10, "val": 3})
+
+
 def test_cpp_task_shape(cpp_tasks):
     for task in cpp_tasks[0] + cpp_tasks[1]:
         assert task["language"] == "cpp"
