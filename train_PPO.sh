@@ -36,6 +36,7 @@ HUMANEVAL_TASKS=${HUMANEVAL_TASKS:-0} # small: HumanEval tasks evaluated per row
 PASS8_TASKS=${PASS8_TASKS:-0}   # small: held-out tasks of the pass@8 rows (0 = the config's 100)
 # Quick checks (0 = the config's value): they override the YAML configs on the command line.
 SFT_MAX_STEPS=${SFT_MAX_STEPS:-0}   # SFT optimizer steps
+SFT_BATCH=${SFT_BATCH:-0}           # examples per SFT step (one micro-batch, no accumulation)
 RL_MAX_STEPS=${RL_MAX_STEPS:-0}     # PPO iterations
 RL_PROMPTS=${RL_PROMPTS:-0}         # tasks per PPO iteration (also replaces BATCHES)
 RL_GENERATIONS=${RL_GENERATIONS:-0} # completions sampled per task

@@ -204,10 +204,14 @@ prepare_base() {
 }
 
 # train_sft: the SFT stage (configs/<PRESET>/sft.yaml; SFT_MAX_STEPS > 0 overrides its length,
-# VAL_TASKS and MAX_NEW_TOKENS its validation).
+# SFT_BATCH > 0 its examples per step, as one micro-batch; VAL_TASKS and MAX_NEW_TOKENS its
+# validation).
 train_sft() {
   local flags=()
   if [ "${SFT_MAX_STEPS:-0}" -gt 0 ]; then flags=(--max_steps "$SFT_MAX_STEPS"); fi
+  if [ "${SFT_BATCH:-0}" -gt 0 ]; then
+    flags+=(--per_device_train_batch_size "$SFT_BATCH" --gradient_accumulation_steps 1)
+  fi
   validation_overrides
   flags+=(${VAL_OVERRIDES[@]+"${VAL_OVERRIDES[@]}"})
   train sft train_sft_lora.py --config "$CONFIGS/sft.yaml" --model "$MODEL" \

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK_SMALL = {
     "PRESET": "small",
     "SFT_MAX_STEPS": "2",
+    "SFT_BATCH": "2",
     "RL_MAX_STEPS": "1",
     "RL_PROMPTS": "2",
     "RL_GENERATIONS": "2",
@@ -80,6 +81,7 @@ def test_small_preset_data_dtype_and_training_runs(small_pipelines, real_model_d
     assert len(val) == 64 and not {t["prompt"] for t in val} & {t["prompt"] for t in pool}
     sft = train_args(out, "sft")
     assert sft["train_file"] == str(data / "toy_python_train.jsonl") and sft["max_steps"] == 2
+    assert sft["per_device_train_batch_size"] == 2 and sft["gradient_accumulation_steps"] == 1
     adapter = json.loads((out / "checkpoints/sft/final/adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == real_model_dir
     for run in ("sft", "reinforce", "ppo", "grpo", "grpo_tinylora"):
