@@ -547,10 +547,11 @@ def test_describe_names_each_layer_or_why_it_is_missing(monkeypatch):
 def test_only_the_rights_an_abi_knows_are_handled(tmp_path, abi, handled, missing):
     """The kernel refuses a ruleset naming rights it does not know: each ABI version's ruleset
     is the one its kernel accepts (those up to this kernel's are tried here, in a child)."""
-    import sandbox
+    from sandboxing.kernel import PR_SET_NO_NEW_PRIVS, Libc
+    from sandboxing.landlock import Landlock, handled_fs_rights
 
-    assert sandbox._landlock_handled_fs(abi) == handled
-    landlock = sandbox._Landlock(sandbox._Libc(), switched_off=False)
+    assert handled_fs_rights(abi) == handled
+    landlock = Landlock(Libc(), switched_off=False)
     landlock.abi = abi
     _, said = landlock.describe()
     assert [word for word in ("TCP", "signals") if any(word in line for line in said)] == missing
@@ -561,7 +562,7 @@ def test_only_the_rights_an_abi_knows_are_handled(tmp_path, abi, handled, missin
     if pid == 0:
         try:
             ruleset = landlock.prepare(str(tmp_path))
-            landlock.libc.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            landlock.libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
             landlock.enforce(ruleset)
             os.listdir(tmp_path)
             try:
