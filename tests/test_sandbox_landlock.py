@@ -53,10 +53,11 @@ CALLER = f"""
 import json, os, sys
 sys.path.insert(0, {REPO!r})
 from sandbox import Sandbox
+from sandboxing.pool import worker_processes
 
 jobs = json.load(sys.stdin)
 with Sandbox(workers=1, timeout={TIMEOUT}, cache=False, isolation=sys.argv[1]) as box:
-    worker = box._workers[0].process.pid
+    worker = worker_processes(box)[0].pid
     names = {{"CALLER_PID": str(os.getpid()), "WORKER_PID": str(worker)}}
     for job in jobs:
         for name, value in names.items():
@@ -65,7 +66,7 @@ with Sandbox(workers=1, timeout={TIMEOUT}, cache=False, isolation=sys.argv[1]) a
     print(json.dumps({{
         "describe": box.describe(),
         "results": [[r.status, r.detail] for r in results],
-        "workers": [worker, box._workers[0].process.pid],
+        "workers": [worker, worker_processes(box)[0].pid],
     }}))
 """
 
