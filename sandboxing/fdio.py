@@ -39,7 +39,7 @@ def write_file(path: str, data: bytes, mode: int | None = None) -> None:
     flags = os.O_WRONLY | os.O_CLOEXEC
     if mode is not None:
         flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(path, flags, 0o600 if mode is None else mode)
+    fd = os.open(path, flags, mode or 0)
     try:
         write_all(fd, data)
     finally:
