@@ -369,20 +369,22 @@ def test_closed_sandbox_refuses_work():
 
 
 def test_a_lost_worker_is_restarted_and_the_job_run_again():
+    from sandboxing.pool import worker_processes
+
     with Sandbox(workers=1, timeout=5.0, cache=False) as sandbox:
         completion = "    import time\n    time.sleep(1.0)\n    return a + b\n"
         future = sandbox.submit_batch([(ADD, completion)])
         time.sleep(0.5)
-        sandbox._workers[0].process.kill()  # the harness's own fault, mid-job
+        worker_processes(sandbox)[0].kill()  # the harness's own fault, mid-job
         (result,) = future.result(timeout=30)
         assert result.status == "passed"  # run again on a fresh worker
         assert sandbox.run(ADD, "    return a + b\n").passed
 
 
 def test_the_description_is_logged_once(caplog):
-    import sandbox as sandbox_module
+    from sandboxing.pool import LOGGED_DESCRIPTIONS
 
-    sandbox_module._LOGGED_DESCRIPTIONS.clear()
+    LOGGED_DESCRIPTIONS.clear()
     with caplog.at_level("INFO", logger="sandbox"):
         for _ in range(2):
             Sandbox(workers=1).close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from sandbox import Sandbox
+from sandboxing.pool import worker_processes
 
 TIMEOUT = 1.0
 COMPILE_TIMEOUT = 8.0
@@ -335,9 +336,9 @@ def worker_trees(box: Sandbox) -> list[list[str]]:
     """For each worker: every process below the one the parent started (the worker, its
     zygote, and whatever a run left behind), with its PID namespace and command line."""
     trees = []
-    for handle in box._workers:
+    for process in worker_processes(box):
         tree = []
-        for pid in descendants(handle.process.pid):
+        for pid in descendants(process.pid):
             try:
                 namespace = os.readlink(f"/proc/{pid}/ns/pid")
                 with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
@@ -571,11 +572,12 @@ def test_workers_and_runs_end_when_the_parent_process_dies(tmp_path):
         "import os, sys, threading\n"
         f"sys.path.insert(0, {os.getcwd()!r})\n"
         "from sandbox import Sandbox\n"
+        "from sandboxing.pool import worker_processes\n"
         "box = Sandbox(workers=1, timeout=30.0, cache=False)\n"
         "task = {'task_id': 't', 'prompt': 'def f(x):\\n', 'entry_point': 'f',\n"
         "        'test': 'def check(candidate):\\n    candidate(1)\\n'}\n"
         f"box.submit_batch([(task, {SLEEPER_COMPLETION!r})])\n"
-        "print(box._workers[0].process.pid, flush=True)\n"
+        "print(worker_processes(box)[0].pid, flush=True)\n"
         "threading.Event().wait(1.5)\n"
         "os._exit(0)\n"  # no close(): the parent just disappears
     )
@@ -615,6 +617,7 @@ if sys.argv[1] == "unprivileged":
             handle.write(text)
 sys.path.insert(0, {REPO!r})
 from sandbox import Sandbox
+from sandboxing.pool import worker_processes
 
 
 def tree(pid):
@@ -629,7 +632,7 @@ def tree(pid):
 with open(sys.argv[2]) as handle:
     jobs = json.load(handle)
 with Sandbox(workers=1, timeout={TIMEOUT * 2}, cache=False) as box:
-    worker = box._workers[0].process.pid
+    worker = worker_processes(box)[0].pid
     before = tree(worker)
     results = box.run_batch([(task, completion) for task, completion in jobs])
     after = tree(worker)
@@ -882,9 +885,9 @@ def test_runs_see_only_their_own_processes_also_after_the_zygote_is_replaced():
         if "PID namespace (" not in box.describe():
             pytest.skip("no PID namespace here (reported by describe())")
         first = box.run(task, look)
-        worker, zygote = descendants(box._workers[0].process.pid)
+        worker, zygote = descendants(worker_processes(box)[0].pid)
         os.kill(zygote, 9)  # the harness's own trouble: not something a run can do
         second = box.run(task, look)
-        after = descendants(box._workers[0].process.pid)
+        after = descendants(worker_processes(box)[0].pid)
     assert [first.status, second.status] == ["passed", "passed"], (first, second)
     assert len(after) == 2 and after[0] == worker and after[1] != zygote

@@ -53,10 +53,11 @@ CALLER = f"""
 import json, os, sys
 sys.path.insert(0, {REPO!r})
 from sandbox import Sandbox
+from sandboxing.pool import worker_processes
 
 jobs = json.load(sys.stdin)
 with Sandbox(workers=1, timeout={TIMEOUT}, cache=False, isolation=sys.argv[1]) as box:
-    worker = box._workers[0].process.pid
+    worker = worker_processes(box)[0].pid
     names = {{"CALLER_PID": str(os.getpid()), "WORKER_PID": str(worker)}}
     for job in jobs:
         for name, value in names.items():
@@ -65,7 +66,7 @@ with Sandbox(workers=1, timeout={TIMEOUT}, cache=False, isolation=sys.argv[1]) a
     print(json.dumps({{
         "describe": box.describe(),
         "results": [[r.status, r.detail] for r in results],
-        "workers": [worker, box._workers[0].process.pid],
+        "workers": [worker, worker_processes(box)[0].pid],
     }}))
 """
 
@@ -547,10 +548,11 @@ def test_describe_names_each_layer_or_why_it_is_missing(monkeypatch):
 def test_only_the_rights_an_abi_knows_are_handled(tmp_path, abi, handled, missing):
     """The kernel refuses a ruleset naming rights it does not know: each ABI version's ruleset
     is the one its kernel accepts (those up to this kernel's are tried here, in a child)."""
-    import sandbox
+    from sandboxing.kernel import PR_SET_NO_NEW_PRIVS, Libc
+    from sandboxing.landlock import Landlock, handled_fs_rights
 
-    assert sandbox._landlock_handled_fs(abi) == handled
-    landlock = sandbox._Landlock(sandbox._Libc(), switched_off=False)
+    assert handled_fs_rights(abi) == handled
+    landlock = Landlock(Libc(), switched_off=False)
     landlock.abi = abi
     _, said = landlock.describe()
     assert [word for word in ("TCP", "signals") if any(word in line for line in said)] == missing
@@ -561,7 +563,7 @@ def test_only_the_rights_an_abi_knows_are_handled(tmp_path, abi, handled, missin
     if pid == 0:
         try:
             ruleset = landlock.prepare(str(tmp_path))
-            landlock.libc.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+            landlock.libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
             landlock.enforce(ruleset)
             os.listdir(tmp_path)
             try:
