@@ -15,7 +15,7 @@ import pytest
 
 from coderl.cli import RANGE_KEY, Range, numeric_fields, parse_args, parse_range
 from coderl.errors import UserError
-from tests.training_fixtures import REPO, run_script
+from tests.helpers import REPO, run_script
 
 SCRIPTS = (
     "train_sft_lora",

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 import plot_training
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Script -> (its chart/curve name, its RL rows).

@@ -37,7 +37,7 @@ from coderl.errors import UserError
 from coderl.runlog import cut_logs
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import FIXED_ON_RESUME, check_resume_settings, parse_allow_changed
-from tests.training_fixtures import REPO, script_env
+from tests.helpers import REPO, script_env
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
 

@@ -15,8 +15,8 @@ import torch
 
 from coderl.errors import UserError
 from coderl.tiny_model import BUILD_INFO_FILE, CPP_SAMPLE, IM_END_TOKEN, build_tiny_model
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, max_corpus_bytes=50_000)
 
 CPP_SOURCE = (
