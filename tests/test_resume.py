@@ -252,7 +252,7 @@ def test_a_kill_at_a_random_moment_resumes_to_the_same_result(runs, tmp_path):
     command = renamed(runs.commands["grpo"], tmp_path, "random")
     command = with_option(command, "--logging_dir", str(tmp_path / "runs"))
     proc = start(command, tmp_path)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a loaded 2-core machine can be several times slower
     while not (tmp_path / "random" / "checkpoint-2").is_dir() and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
