@@ -101,6 +101,36 @@ def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidde
     return logprobs, entropy
 
 
+def move_lora_b_off_zero(model, std: float = 0.02) -> None:
+    """Give every LoRA B a seeded random value, as training would have.
+
+    A fresh LoRA's B is zero: the adapter changes nothing and its A receives no gradient.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_lora_model(model_dir: str):
+    """The model with a LoRA adapter (r 4, no dropout, on q/v/down) whose B is off zero, so A
+    has a gradient too; returns the model and its tokenizer."""
+    from coderl.models import add_adapter, load_model
+
+    model, tokenizer = load_model(model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
+    move_lora_b_off_zero(model)
+    return model, tokenizer
+
+
+def write_toy_tasks(toy_data_dir: Path, path: Path, count: int) -> Path:
+    """Write the first ``count`` toy Python training tasks to ``path`` (a small train file)."""
+    from coderl.tasks import load_tasks, write_jsonl
+
+    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:count])
+    return path
+
+
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint folder's ``adapter_model.safetensors`` holds."""
     from safetensors.torch import load_file

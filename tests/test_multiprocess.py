@@ -27,9 +27,15 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from coderl.tasks import load_tasks, write_jsonl  # noqa: E402
 from coderl.training import warn_if_launched_as_one_cpu_process  # noqa: E402
-from tests.helpers import REPO, RunLogs, adapter_tensors, read_run, script_env  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    REPO,
+    RunLogs,
+    adapter_tensors,
+    read_run,
+    script_env,
+    write_toy_tasks,
+)
 
 CONFIGS = REPO / "configs" / "accelerate"
 CPU_CONFIG = CONFIGS / "cpu_2proc.yaml"
@@ -87,8 +93,7 @@ class LaunchedRun:
 def sft_two_processes(tiny_model_dir, toy_data_dir, tmp_path_factory) -> LaunchedRun:
     """train_sft_lora.py, 2 steps, 2 processes x 2 micro-batches of 1, through cpu_2proc.yaml."""
     root = tmp_path_factory.mktemp("sft-ddp")
-    train_file = root / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
+    train_file = write_toy_tasks(toy_data_dir, root / "train.jsonl", 24)
     args = [
         "--model", str(tiny_model_dir),
         "--quantization", "none",

@@ -18,9 +18,14 @@ from accelerate import Accelerator
 import train_ppo_lora as ppo
 from coderl.models import disable_dropout, load_model
 from coderl.rewards import RewardArgs
-from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
-from tests.helpers import adapter_tensors, full_vocab_logprobs, read_run, run_script
+from tests.helpers import (
+    adapter_tensors,
+    full_vocab_logprobs,
+    read_run,
+    run_script,
+    write_toy_tasks,
+)
 from train_ppo_lora import PPOTrainArgs
 
 # Fixtures toy_data_dir, sft_run and sft_adapter_dir come from conftest (its plugin): one
@@ -592,8 +597,7 @@ class Inputs:
 @pytest.fixture(scope="module")
 def inputs(sft_adapter_dir, toy_data_dir, tmp_path_factory) -> Inputs:
     root = tmp_path_factory.mktemp("ppo")
-    train_file = root / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
+    train_file = write_toy_tasks(toy_data_dir, root / "train.jsonl", 24)
     model, tokenizer = load_model(str(sft_adapter_dir), quantization="none", dtype="float32")
     merged = root / "sft-merged"
     model.merge_and_unload().save_pretrained(str(merged))
@@ -761,8 +765,7 @@ def test_ppo_raises_the_training_reward_from_the_sft_adapter(
     samples run. The KL penalty is off because the reference is the random-init base the SFT
     adapter sits on (a KL of ~150 nats per completion, meaningless here). Fixed seed, fixed budget.
     """
-    train_file = tmp_path / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:32])
+    train_file = write_toy_tasks(toy_data_dir, tmp_path / "train.jsonl", 32)
     ppo.main(
         [
             "--model", str(tiny_model_dir),

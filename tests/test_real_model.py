@@ -18,9 +18,15 @@ import torch
 import prepare_model
 from coderl.generation import SamplingConfig, decode, end_token_ids, generate
 from coderl.models import chat_end_of_turn_id, completion_end_id, load_model
-from coderl.tasks import load_tasks, write_jsonl
+from coderl.tasks import load_tasks
 from coderl.training import action_ids
-from tests.helpers import adapter_tensors, correlation, humaneval_tasks, load_agreement_module
+from tests.helpers import (
+    adapter_tensors,
+    correlation,
+    humaneval_tasks,
+    load_agreement_module,
+    write_toy_tasks,
+)
 
 PROMPTS = ["def fibonacci(n):\n", "import sys\n\nfor line in sys.stdin:\n", "# Sort a list\n"]
 
@@ -152,9 +158,7 @@ def check_adapter(run_dir: Path, model_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_task_file(toy_data_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("real-tasks") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:4])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("real-tasks") / "train.jsonl", 4)
 
 
 def common(out: Path, name: str, train_file: Path, model: str) -> list[str]:

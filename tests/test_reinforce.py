@@ -20,9 +20,12 @@ from tests.helpers import (
     adapter_tensors,
     fake_run,
     full_vocab_logprobs,
+    move_lora_b_off_zero,
     read_run,
     run_script,
     scripted,
+    tiny_lora_model,
+    write_toy_tasks,
 )
 
 # Fixture toy_data_dir comes from conftest (its plugin).
@@ -180,17 +183,6 @@ def test_kl_k1_is_a_score_function_penalty():
 # --------------------------------------------------------------------------- one update, in process
 
 
-def make_policy(tiny_model_dir):
-    """The tiny model with a LoRA adapter whose B is nonzero (so A has a gradient too)."""
-    model, tokenizer = load_model(tiny_model_dir)
-    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
-    return model, tokenizer
-
-
 def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
     from coderl.generation import render_prompt
 
@@ -248,7 +240,7 @@ def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_di
     """Three samples in two micro-batches, the middle one an infra_error with a different text:
     the update is -grad of the hand-written loss over the two kept samples, whatever the masked
     sample holds."""
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
     texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
@@ -278,7 +270,7 @@ def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_di
 
 
 def test_update_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_dir):
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
@@ -341,7 +333,7 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, 
     """Log-probs normalised on the completion positions only give the update of the
     full-vocabulary computation: loss, KL to the reference, entropy and every gradient, at a
     sampling temperature, over rows whose prompts and completions differ in length."""
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
     texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
@@ -406,9 +398,7 @@ SAMPLE_KEYS = {"step", "task_id", "sample", "reward", "advantage", "status", "pa
 
 @pytest.fixture(scope="module")
 def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("rl-data") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:8])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("rl-data") / "train.jsonl", 8)
 
 
 def rl_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
@@ -664,10 +654,7 @@ def test_lora_dropout_of_a_loaded_adapter_is_set_so_train_mode_is_the_sampling_p
 ):
     model, _ = load_model(tiny_model_dir)
     model = add_adapter(model, r=4, alpha=8, dropout=0.5)  # as an SFT adapter would bring it
-    with torch.no_grad():  # a trained adapter: B != 0, so its dropout changes the output
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    move_lora_b_off_zero(model)  # a trained adapter: B != 0, so its dropout changes the output
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     model.eval()
     with torch.no_grad():

@@ -18,7 +18,17 @@ from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import ModelArgs, TaskStream, prompt_token_ids
-from tests.helpers import REPO, adapter_tensors, fake_run, read_run, run_script, script_env
+from tests.helpers import (
+    REPO,
+    adapter_tensors,
+    fake_run,
+    move_lora_b_off_zero,
+    read_run,
+    run_script,
+    script_env,
+    tiny_lora_model,
+    write_toy_tasks,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -49,9 +59,7 @@ def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> li
 @pytest.fixture(scope="module")
 def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
     """The first 24 toy Python training tasks: enough for a few steps, quick to tokenize."""
-    path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("sft-data") / "train.jsonl", 24)
 
 
 # --------------------------------------------------------------------------- options and errors
@@ -180,15 +188,12 @@ def test_loss_on_target_positions_only_equals_the_full_vocabulary_loss(
 ):
     """The output head and log-softmax run on the target positions only; loss and gradients are
     those of the full computation (every position's log-softmax, masked after)."""
-    from coderl.models import add_adapter, load_model
+    from coderl.models import load_model
     from coderl.training import token_logprobs
 
     model, tokenizer = load_model(tiny_model_dir)
     model = add_adapter(model, "lora", r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    move_lora_b_off_zero(model, std=0.05)
     tasks = [python_task(toy_data_dir, 0), python_task(toy_data_dir, 1), cpp_task(toy_data_dir)]
     examples = [sft.encode_example(t, tokenizer, mode) for t in tasks]
     input_ids, attention, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
@@ -263,13 +268,7 @@ def test_masked_loss_equals_hand_computation(tiny_model_dir, toy_data_dir):
 
 
 def make_trainable_model(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)
-    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
-    # LoRA's B starts at zero, which leaves A without a gradient; give B a value to test both.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()  # no dropout anywhere: the two computations below must see the same function
     return model, tokenizer
 
