@@ -1,4 +1,4 @@
-"""Write the task files under ``data/`` in the one task schema (see data/README.md).
+"""Write the task files under data/ in the one task schema (see data/README.md).
 
 With no flags it works offline and writes, deterministically (a rerun gives byte-identical files):
 
@@ -250,7 +250,7 @@ def report_skipped(name: str, skipped: Counter) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (options,) = parse_args((PrepareDataOptions,), argv, description=__doc__)
+    (options,) = parse_args((PrepareDataOptions,), argv, description=__doc__.split("\n\n")[0])
     check_options(options)
     sources = comma_list(options.source, "source", SOURCES)
     hub = HubChoice.from_options(options)

@@ -1264,7 +1264,9 @@ def saved_eval(run: Run, step: int) -> dict | None:
 def main(argv: Sequence[str] | None = None) -> None:
     opts = Options(
         *parse_args(
-            (GRPOModelArgs, GRPOTrainArgs, GRPOArgs, GRPORewardArgs), argv, description=__doc__
+            (GRPOModelArgs, GRPOTrainArgs, GRPOArgs, GRPORewardArgs),
+            argv,
+            description=__doc__.split("\n\n")[0],
         )
     )
     validate_args(opts)

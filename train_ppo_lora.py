@@ -936,7 +936,9 @@ def evaluates_at(step: int, train_args: TrainArgs) -> bool:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     model_args, train_args, ppo_args, reward_args = parse_args(
-        (PPOModelArgs, PPOTrainArgs, PPOArgs, RewardArgs), argv, description=__doc__
+        (PPOModelArgs, PPOTrainArgs, PPOArgs, RewardArgs),
+        argv,
+        description=__doc__.split("\n\n")[0],
     )
     validate_common(model_args, train_args)
     validate_ppo_args(ppo_args)

@@ -813,7 +813,9 @@ def evaluates_at(step: int, train_args: TrainArgs) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     opts = Options(
         *parse_args(
-            (RLModelArgs, RLTrainArgs, ReinforceArgs, RewardArgs), argv, description=__doc__
+            (RLModelArgs, RLTrainArgs, ReinforceArgs, RewardArgs),
+            argv,
+            description=__doc__.split("\n\n")[0],
         )
     )
     validate_args(opts.model, opts.train, opts.rl)

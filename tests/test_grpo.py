@@ -15,7 +15,7 @@ import pytest
 import torch
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
-from tests.training_fixtures import run_script, script_env
+from tests.helpers import REPO, run_script, script_env
 from train_grpo_lora import (
     adapter_folded,
     assemble_groups,
@@ -28,8 +28,7 @@ from train_grpo_lora import (
     zero_std_groups,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "train_grpo_lora.py"
+SCRIPT = REPO / "train_grpo_lora.py"
 
 # Two groups of four: one success in the first, two in the second.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])

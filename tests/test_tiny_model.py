@@ -15,8 +15,8 @@ import torch
 
 from coderl.errors import UserError
 from coderl.tiny_model import BUILD_INFO_FILE, CPP_SAMPLE, IM_END_TOKEN, build_tiny_model
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, max_corpus_bytes=50_000)
 
 CPP_SOURCE = (
@@ -51,7 +51,7 @@ def test_tiny_model_builds_in_seconds_and_loads_with_auto_classes(tmp_path):
     )
     elapsed = time.perf_counter() - started
     # Measured 0.2-0.7 s on 2 shared cores; the bound leaves room for a heavily loaded machine.
-    assert elapsed < 20, f"tiny model build took {elapsed:.1f}s"
+    assert elapsed < 60, f"tiny model build took {elapsed:.1f}s"
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -7,11 +7,9 @@ are compiled with ``g++ -O2 -std=c++17`` and run on their stdin tests.
 from __future__ import annotations
 
 import ast
-import json
 import re
 import shutil
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -24,18 +22,7 @@ from coderl.toy_tasks import (
     toy_cpp_splits,
     toy_python_splits,
 )
-
-DRIVER = """
-import json, sys
-results = []
-for program in json.load(sys.stdin):
-    try:
-        exec(compile(program, "<task>", "exec"), {"__name__": "__task__"})
-        results.append(True)
-    except BaseException:
-        results.append(False)
-print(json.dumps(results))
-"""
+from tests.helpers import run_function_tasks
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +33,6 @@ def python_tasks():
 @pytest.fixture(scope="module")
 def cpp_tasks():
     return generate_toy_cpp()
-
-
-def passes(pairs: list[tuple[dict, str]]) -> list[bool]:
-    programs = [
-        task["prompt"] + completion + "\n" + task["test"] + f"\ncheck({task['entry_point']})\n"
-        for task, completion in pairs
-    ]
-    done = subprocess.run(
-        [sys.executable, "-c", DRIVER],
-        input=json.dumps(programs),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def structure(task: dict) -> str:
@@ -145,7 +116,7 @@ def test_python_canonical_solutions_pass_and_perturbed_ones_fail(python_tasks):
         )
 
     with_constant = [t for t in tasks if re.search(r"\d", t["canonical_solution"])]
-    results = passes(
+    results = run_function_tasks(
         [(t, t["canonical_solution"]) for t in tasks]
         + [(t, without_first_step(t)) for t in tasks]
         + [(t, constant_shifted(t)) for t in with_constant]
@@ -295,7 +266,7 @@ def test_flawed_demonstrations_drop_the_last_step_and_fail_their_own_tests():
         lines = good["canonical_solution"].splitlines(keepends=True)
         assert bad["canonical_solution"] == "".join(lines[:-2] + lines[-1:])
     # The sandbox-independent runner fails exactly the flawed demonstrations.
-    results = passes([(task, task["canonical_solution"]) for task in flawed["train"]])
+    results = run_function_tasks([(task, task["canonical_solution"]) for task in flawed["train"]])
     assert [not ok for ok in results] == ["flaw" in task for task in flawed["train"]]
     # The same rows for a seed; another share keeps the choice nested (a hash threshold).
     assert toy_python_splits(counts, seed=7, flawed_share=0.5) == flawed

@@ -7,21 +7,17 @@
   subprocess (the script exactly as a user runs it); ``sft_adapter_dir`` is its ``final/``
   adapter, the ``--init_adapter`` of the RL tests.
 
-Subprocesses get ``OMP_NUM_THREADS=1``: on a machine whose cores are shared, torch's default of
-one thread per core makes each tiny step many times slower (threads spin waiting for each other).
+The SFT run goes through ``tests.helpers.run_script`` (one thread, offline).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run_script
 
 # Cheap on purpose (seconds of training on one core): enough for the loss to fall well below its
 # start and for the adapter to move, not a tuned model (greedy pass@1 on held-out toy tasks is
@@ -39,30 +35,6 @@ SFT_FIXTURE_ARGS = (
     "--lora_alpha", "32",
     "--target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
 )  # fmt: skip
-
-
-def script_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(REPO),
-    )
-    return env
-
-
-def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
-    """Run one of the top-level scripts as a user would; the completed process is returned."""
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="session")
