@@ -3,8 +3,8 @@
 The loss is the causal-LM cross-entropy on ``prompt + canonical_solution + end token`` with the
 prompt tokens masked: only the solution and the end token are learned. The end token is the one
 that ends an answer at inference: EOS in base mode, the chat template's end-of-turn (e.g.
-``<|im_end|>``) in instruct mode (``coderl.models.completion_end_id``). The prompt is tokenized exactly
-as generation tokenizes it (``coderl.models.encode_prompt_and_completion``) and the solution
+``<|im_end|>``) in instruct mode (``coderl.prompts.completion_end_id``). The prompt is tokenized exactly
+as generation tokenizes it (``coderl.prompts.encode_prompt_and_completion``) and the solution
 separately; the two id lists are concatenated, never re-tokenized together, so the boundary
 token is the one the model sees at inference. The output is a PEFT adapter (step-numbered
 checkpoints and ``<output_dir>/final``) that ``eval_humaneval.py --model <dir>/final`` and the RL
@@ -15,7 +15,7 @@ What is learned, per task kind and ``--prompt_mode``:
 * function task (HumanEval shape), base: ``prompt`` -> ``canonical_solution`` (the function body,
   indentation kept exactly);
 * stdin/stdout task (C++ or Python), base: the statement rendered as a comment header by
-  ``coderl.generation.render_prompt`` (exactly the inference prompt) -> the canonical program;
+  ``coderl.prompts.render_prompt`` (exactly the inference prompt) -> the canonical program;
 * instruct mode: the chat-template prompt of ``render_prompt`` -> the code in one fenced block
   (the whole function for function tasks, the program for stdin tasks), then the end-of-turn.
 
@@ -94,6 +94,15 @@ import torch
 from coderl.cli import parse_args
 from coderl.errors import UserError, exit_on_user_error
 from coderl.models import describe_model
+from coderl.rollouts import evaluate, make_sandbox
+from coderl.run import (
+    finish,
+    load_optimizer_state,
+    record_computed,
+    restore,
+    save,
+    start_run,
+)
 from coderl.tasks import load_tasks
 from coderl.training import (
     ModelArgs,
@@ -101,18 +110,11 @@ from coderl.training import (
     TrainArgs,
     build_optimizer,
     count_trainable,
-    finish,
-    load_optimizer_state,
     load_policy,
     masked_token_logprobs,
     pack_sequences,
-    restore,
-    save,
-    start_run,
     trainable_parameters,
-    validate,
     validate_common,
-    write_json,
 )
 
 # --------------------------------------------------------------------------- options
@@ -234,7 +236,7 @@ class Example:
 
 def target_text(task: dict, prompt_mode: str) -> str:
     """The text the model learns to produce after the rendered prompt."""
-    from coderl.generation import task_kind
+    from coderl.prompts import task_kind
 
     solution = task["canonical_solution"]
     if prompt_mode == "base":
@@ -253,8 +255,7 @@ def encode_example(task: dict, tokenizer, prompt_mode: str) -> Example:
     """Prompt ids exactly as generation encodes them, the target tokenized on its own, then the
     token that ends an answer at inference (the chat template's end-of-turn in instruct mode, such
     as ``<|im_end|>``, else EOS)."""
-    from coderl.generation import render_prompt
-    from coderl.models import completion_end_id, encode_prompt_and_completion
+    from coderl.prompts import completion_end_id, encode_prompt_and_completion, render_prompt
 
     prompt = render_prompt(task, tokenizer, prompt_mode)
     end_id = completion_end_id(tokenizer, prompt_mode)
@@ -419,7 +420,7 @@ def run_validation(run, model, tokenizer, eval_tasks, sandbox, train_args, promp
     """Greedy pass@1 on the held-out tasks, computed on the main process only."""
     metrics: dict = {}
     if run.is_main:
-        metrics = validate(
+        metrics, _ = evaluate(
             run.accelerator.unwrap_model(model),
             tokenizer,
             eval_tasks,
@@ -430,20 +431,6 @@ def run_validation(run, model, tokenizer, eval_tasks, sandbox, train_args, promp
         run.print(f"eval/pass@1 = {metrics['eval/pass@1']:.4f} on {len(eval_tasks)} tasks")
     run.accelerator.wait_for_everyone()
     return metrics
-
-
-def record_computed(run, computed: dict) -> None:
-    """Add values computed after parsing to the run's config (config.json and checkpoints)."""
-    run.config["computed"].update(computed)
-    if run.is_main:
-        write_json(run.run_dir / "config.json", run.config)
-    run.print("computed: " + ", ".join(f"{k}={v}" for k, v in computed.items()))
-
-
-def make_sandbox(train_args: SFTTrainArgs):
-    from sandbox import Sandbox
-
-    return Sandbox(workers=train_args.sandbox_workers or None, timeout=train_args.sandbox_timeout)
 
 
 @exit_on_user_error
@@ -464,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (model_args, train_args, data_args),
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
     )
-    model, tokenizer = load_policy(model_args, run, resume_from=run.resume_from)
+    model, tokenizer = load_policy(model_args, run.resume_from)
     data = build_examples(
         tasks, tokenizer, data_args.prompt_mode, data_args.max_length, data_args.overlong
     )

@@ -45,12 +45,16 @@ class PackedBatch:
         return self.completion_ids.shape[0]
 
     def rows(self, index: torch.Tensor | Sequence[int]) -> PackedBatch:
-        """The batch of the given rows (prompts they do not use are kept: harmless padding)."""
+        """The batch of the given rows, with only the prompts they continue (a prompt pass costs
+        the same whichever rows are taken)."""
         index = torch.as_tensor(index, device=self.completion_ids.device)
+        used, row_prompt = torch.unique(self.row_prompt[index], return_inverse=True)
+        prompt_mask = self.prompt_mask[used]
+        first = int(prompt_mask.any(dim=0).int().argmax())  # left padding no kept prompt needs
         return PackedBatch(
-            self.prompt_ids,
-            self.prompt_mask,
-            self.row_prompt[index],
+            self.prompt_ids[used, first:],
+            prompt_mask[:, first:],
+            row_prompt,
             self.completion_ids[index],
             self.completion_mask[index],
         )
@@ -89,6 +93,18 @@ def pack_rows(
     if device is not None:
         tensors = [t.to(device) for t in tensors]
     return PackedBatch(*tensors)
+
+
+def pack_rollouts(rollouts: Sequence, pad_id: int, device=None) -> PackedBatch:
+    """:func:`pack_rows` of rollouts (anything with ``prompt_ids`` and ``completion_ids``)."""
+    prompts = [r.prompt_ids for r in rollouts]
+    return pack_rows(prompts, [r.completion_ids for r in rollouts], pad_id, device)
+
+
+def micro_batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` in consecutive runs of at most ``size``."""
+    indices = list(indices)
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
 
 
 class Outputs(NamedTuple):
@@ -203,3 +219,12 @@ def completion_logprobs(
 
 def _padded(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[0]))
+
+
+def reference_logprobs(
+    model, batch: PackedBatch, temperature: float = 1.0, share_prompts: bool = True
+) -> torch.Tensor:
+    """:func:`completion_logprobs` under the base model (a peft model's adapter disabled), without
+    gradient: the reference a KL penalty compares the policy with."""
+    with torch.no_grad(), model.disable_adapter():
+        return completion_logprobs(model, batch, temperature, share_prompts=share_prompts).logprobs
