@@ -15,6 +15,7 @@ graph (the same numbers as one pass per row, up to float rounding).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -149,7 +150,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
     hidden = prompt.hidden_states[-1][batch.row_prompt, -1:] if with_hidden else None
     if batch.completion_ids.shape[1] == 1:
         return Outputs(logits, hidden)
-    cache = prompt.past_key_values
+    cache = prompt.cache if "cache" in prompt else prompt.past_key_values  # renamed in 5.2x
     cache.batch_select_indices(batch.row_prompt)
     attention = torch.cat(
         [batch.prompt_mask[batch.row_prompt], batch.completion_mask[:, :-1].long()], dim=1
@@ -158,7 +159,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
         input_ids=batch.completion_ids[:, :-1],
         attention_mask=attention,
         position_ids=batch.completion_positions[:, :-1],
-        past_key_values=cache,
+        **{_cache_argument(model): cache},
         use_cache=True,
         output_hidden_states=with_hidden,
     )
@@ -166,6 +167,13 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
     if with_hidden:
         hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
     return Outputs(logits, hidden)
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before (and removed in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class CompletionLogprobs(NamedTuple):
