@@ -133,7 +133,7 @@ def test_table_rows_match_the_evaluation_summaries(pipelines):
         assert int(row["tasks"]) == summary["num_tasks"] == 4
         assert float(row["length"]) == pytest.approx(summary["avg_num_tokens"], abs=5e-3)
         assert 0 < summary["avg_num_tokens"] <= 64
-        free = {"model", "method", "model_info"}
+        free = {"model", "name", "checkpoint", "method", "model_info"}  # the row's own
         settings[name] = {k: v for k, v in summary["settings"].items() if k not in free}
     # Every row: the held-out file, the settings of configs/tiny/eval.yaml, nothing different.
     reference = settings["base"]
@@ -141,7 +141,13 @@ def test_table_rows_match_the_evaluation_summaries(pipelines):
     eval_config = tiny_config("eval")
     for key in ("temperature", "max_new_tokens", "timeout"):
         assert reference[key] == eval_config[key]
-    assert all(s == reference for s in settings.values())
+    for name, row_settings in settings.items():
+        differing = {
+            k
+            for k in row_settings.keys() | reference.keys()
+            if row_settings.get(k) != reference.get(k)
+        }
+        assert not differing, (name, differing)
     assert [r["method"].strip() for r in rows.values()] == [
         "Base", "SFT (LoRA)", "RL (REINFORCE)", "PPO", "GRPO (LoRA)",
     ]  # fmt: skip
