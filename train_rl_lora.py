@@ -219,7 +219,7 @@ def reinforce_loss(
 ) -> torch.Tensor:
     """``1/N * sum_i -A_i * agg_t log p(y_it)`` over kept samples (advantages are constants).
 
-    ``logprobs`` and ``completion_mask`` are B x T-1 (``sampling_logprobs`` / ``pack_sequences``).
+    ``logprobs`` and ``completion_mask`` are (B, C), one column per completion token.
     ``num_samples`` is N; pass the step's total when the batch is split into micro-batches so the
     accumulated gradient equals the full batch's. Default: the kept samples of this batch.
     """
