@@ -101,6 +101,32 @@ def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidde
     return logprobs, entropy
 
 
+def full_vocab_completion_logprobs(model, prompts, completions, pad_id, temperature=1.0):
+    """:func:`full_vocab_logprobs` of the right-padded rows ``prompt + completion``, laid out as
+    ``coderl.logprobs.completion_logprobs`` returns them: log-probs, entropies (B, C) and last
+    hidden states (B, C, H), column j for completion token j, zero past each completion's end."""
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    logprobs, entropy, hidden = full_vocab_logprobs(
+        model, input_ids, attention, temperature, hidden=True
+    )
+    columns = max(max(len(c) for c in completions), 1)
+    out_logprobs = logprobs.new_zeros((len(rows), columns))
+    out_entropy = entropy.new_zeros((len(rows), columns))
+    out_hidden = hidden.new_zeros((len(rows), columns, hidden.shape[-1]))
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        at = slice(len(p) - 1, len(p) - 1 + len(c))  # position t predicts token t + 1
+        out_logprobs[i, : len(c)] = logprobs[i, at]
+        out_entropy[i, : len(c)] = entropy[i, at]
+        out_hidden[i, : len(c)] = hidden[i, at]
+    return out_logprobs, out_entropy, out_hidden
+
+
 def move_lora_b_off_zero(model, std: float = 0.02) -> None:
     """Give every LoRA B a seeded random value, as training would have.
 
