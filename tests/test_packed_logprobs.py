@@ -9,7 +9,11 @@ import torch
 
 from coderl import logprobs as lp
 from coderl.models import add_adapter
-from tests.helpers import full_vocab_completion_logprobs, move_lora_b_off_zero
+from tests.helpers import (
+    full_vocab_completion_logprobs,
+    move_lora_b_off_zero,
+    record_packed_layouts,
+)
 
 TEMPLATE = [5, 6, 7, 8, 9]  # an opening every prompt shares, as a chat template's
 # Distinct prompts of several lengths (one right after the template) and completions of 4, 7, 1.
@@ -57,16 +61,7 @@ def policy(request):
 
 @pytest.fixture
 def layouts(monkeypatch) -> list:
-    """Every packed layout built during the test (proof that the padding-free pass ran)."""
-    built = []
-    original = lp.packed_layout
-
-    def spy(*args, **kwargs):
-        built.append(original(*args, **kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(lp, "packed_layout", spy)
-    return built
+    return record_packed_layouts(monkeypatch)
 
 
 def trainable(model) -> list[torch.Tensor]:
