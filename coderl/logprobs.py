@@ -202,19 +202,18 @@ def completion_logprobs(
         share_prompts = False
     packed = padding_free and not checkpointing and padding_free_supported(model)
     if packed:
-        outputs, starts = packed_outputs(model, batch, share_prompts, share_prefix, with_hidden)
+        outputs = packed_outputs(model, batch, share_prompts, share_prefix, with_hidden)
     else:
         pass_ = shared_prompt_outputs if share_prompts else joint_outputs
-        outputs, starts = pass_(model, batch, with_hidden), None
+        outputs = pass_(model, batch, with_hidden)
     lengths = batch.completion_mask.sum(dim=1).long().tolist()
     width = batch.completion_ids.shape[1]
+    if packed:  # rows follow each other: split (its backward is one concatenation, no zero fill)
+        packed_rows = outputs.logits.split(lengths)
     logprobs, entropies = [], []
     # One row at a time bounds the float32 copy of the logits to one row's completion.
     for row, length in enumerate(lengths):
-        if packed:
-            row_logits = outputs.logits[starts[row] : starts[row] + length]
-        else:
-            row_logits = outputs.logits[row, :length]
+        row_logits = packed_rows[row] if packed else outputs.logits[row, :length]
         row_logp = torch.log_softmax(row_logits.float() / temperature, dim=-1)
         target = batch.completion_ids[row, :length].unsqueeze(-1)
         logprobs.append(_padded(row_logp.gather(-1, target).squeeze(-1), width))
@@ -223,7 +222,7 @@ def completion_logprobs(
                 entropies.append(_padded(-(row_logp.exp() * row_logp).sum(-1), width))
     hidden = outputs.hidden
     if packed and with_hidden:
-        hidden = _spread_rows(hidden, starts, lengths, width)
+        hidden = _spread_rows(hidden, lengths, width)
     return CompletionLogprobs(
         torch.stack(logprobs),
         torch.stack(entropies) if with_entropy else None,
@@ -235,9 +234,9 @@ def _padded(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[0]))
 
 
-def _spread_rows(flat: torch.Tensor, starts: list[int], lengths: list[int], width: int):
+def _spread_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
     """(K, H) values of the packed completion tokens as (B, C, H), zero on padding columns."""
-    rows = [flat[start : start + n] for start, n in zip(starts, lengths, strict=True)]
+    rows = flat.split(lengths)
     return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
 
 
@@ -361,14 +360,13 @@ def packed_attention(model) -> Iterator[None]:
 
 @dataclass
 class PackedLayout:
-    """The batch as one sequence: ids and positions (1, N), its segments, and for completion token
-    ``j`` of row ``r`` the index ``predict_at[starts[r] + j]`` of the output that predicts it."""
+    """The batch as one sequence: ids and positions (1, N), its segments, and ``predict_at``: for
+    every completion token, row after row, the index of the output that predicts it."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segments: Segments
     predict_at: torch.Tensor
-    starts: list[int]
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -424,9 +422,7 @@ def packed_layout(
             else:
                 chains[u] = (root, prefix_last)
     predict_at: list[int] = []
-    starts: list[int] = []
     for u, completion in zip(row_prompt, completions, strict=True):
-        starts.append(len(predict_at))
         if not completion:
             continue
         if share_prompts:
@@ -450,7 +446,6 @@ def packed_layout(
         torch.tensor([positions], device=device),
         segments,
         torch.tensor(predict_at, dtype=torch.long, device=device),
-        starts,
     )
 
 
@@ -460,9 +455,9 @@ def packed_outputs(
     share_prompts: bool = True,
     share_prefix: bool = False,
     with_hidden: bool = False,
-) -> tuple[Outputs, list[int]]:
+) -> Outputs:
     """Logits (K, V) and hidden states (K, H) of the K positions that predict a completion token,
-    from one padding-free pass; row ``r``'s are ``[starts[r], starts[r] + length_r)``."""
+    from one padding-free pass: row 0's completion tokens in order, then row 1's, and so on."""
     layout = packed_layout(batch, share_prompts, share_prefix)
     with packed_attention(model):
         out = model(
@@ -476,4 +471,4 @@ def packed_outputs(
     if layout.segments.calls == 0:  # its attention never saw the layout: rows would mix
         raise RuntimeError("the model's attention ignored the padding-free layout")
     hidden = out.hidden_states[-1][0, layout.predict_at] if with_hidden else None
-    return Outputs(out.logits[0], hidden), layout.starts
+    return Outputs(out.logits[0], hidden)

@@ -138,7 +138,7 @@ def test_layout_by_hand():
     assert each.input_ids.tolist() == [[1, 2, 3, 4, 7, 1, 2, 5, 1, 2, 3, 4, 6, 6]]
     assert each.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5]]
     assert each.segments.sizes == [5, 3, 6] and each.segments.context == [(), (), ()]
-    assert each.predict_at.tolist() == [3, 4, 7, 11, 12, 13] and each.starts == [0, 2, 3]
+    assert each.predict_at.tolist() == [3, 4, 7, 11, 12, 13]  # row 0's two tokens, row 1's, ...
 
     tree = lp.packed_layout(batch, share_prompts=True, share_prefix=True)
     # [1 2] once; [3 4] and [5] after it; then each completion after its prompt (row 1's single
@@ -147,7 +147,7 @@ def test_layout_by_hand():
     assert tree.position_ids.tolist() == [[0, 1, 2, 3, 2, 4, 4, 5]]
     assert tree.segments.sizes == [2, 2, 1, 1, 2]
     assert tree.segments.context == [(), (0,), (0,), (0, 1), (0, 1)]
-    assert tree.predict_at.tolist() == [3, 5, 4, 3, 6, 7] and tree.starts == [0, 2, 3]
+    assert tree.predict_at.tolist() == [3, 5, 4, 3, 6, 7]
     assert tree.segments.masks[0] is None
     assert tree.segments.masks[1].tolist() == [[True, True, True, False], [True] * 4]
     assert tree.segments.masks[4].tolist() == [
