@@ -191,7 +191,9 @@ def completion_logprobs(
     result can always be backpropagated.
 
     ``padding_free``: one packed pass (see :func:`packed_outputs`) where the model supports it
-    (:func:`padding_free_supported`), else the padded passes. ``share_prefix`` (padding-free only):
+    (:func:`padding_free_supported`), else the padded passes; also the padded ones under
+    checkpointing in train mode (its recomputation, after this call, would run the model's own
+    attention over the packed rows). ``share_prefix`` (padding-free only):
     also run the prefix common to every prompt once. Sharing a segment between rows also shares
     its dropout masks: with dropout active, rows that run it separately draw one mask each, so
     callers that must match separate passes share nothing then (:func:`dropout_active`).
