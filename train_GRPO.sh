@@ -83,7 +83,7 @@ add_row base "Base" "$MODEL"
 add_row sft "$SFT_METHOD" "$(final_adapter sft)"
 
 # ---- GRPO --------------------------------------------------------------------------------------
-rl_overrides --num_prompts
+rl_overrides
 train grpo train_grpo_lora.py --config "$CONFIGS/grpo.yaml" --model "$MODEL" \
   --init_adapter "$(final_adapter sft)" --train_file "$RL_FILE" ${RL_FLAGS[@]+"${RL_FLAGS[@]}"}
 add_row grpo "GRPO (LoRA)" "$(final_adapter grpo)"

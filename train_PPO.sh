@@ -66,7 +66,7 @@ if [ "$PRESET" = full ]; then
   BATCHES=${BATCHES:-4 8}
 fi
 if [ "${RL_PROMPTS:-0}" -gt 0 ]; then BATCHES=""; fi
-rl_overrides --batch_size
+rl_overrides
 PPO_ARGS=(--config "$CONFIGS/ppo.yaml" --model "$MODEL" --init_adapter "$(final_adapter sft)"
   --train_file "$RL_FILE")
 RL_RUNS=()

@@ -60,7 +60,7 @@ add_row sft "$SFT_METHOD" "$(final_adapter sft)"
 
 # ---- REINFORCE ---------------------------------------------------------------------------------
 if [ "$PRESET" = full ]; then ALPHAS=${ALPHAS:-0.01 0.03}; fi
-rl_overrides --batch_size
+rl_overrides
 RL_RUNS=()
 if [ -z "$ALPHAS" ]; then
   train reinforce train_rl_lora.py --config "$CONFIGS/reinforce.yaml" --model "$MODEL" \

@@ -57,6 +57,15 @@ from coderl.dropout import use_gap_dropout
 from coderl.errors import UserError, exit_on_user_error
 from coderl.logprobs import PackedBatch, completion_logprobs, dropout_active
 from coderl.models import describe_model
+from coderl.rollouts import evaluate, make_sandbox
+from coderl.run import (
+    finish,
+    load_optimizer_state,
+    record_computed,
+    restore,
+    save,
+    start_run,
+)
 from coderl.sft_data import (
     Example,
     data_fingerprint,
@@ -72,16 +81,9 @@ from coderl.training import (
     TrainArgs,
     build_optimizer,
     count_trainable,
-    finish,
-    load_optimizer_state,
     load_policy,
-    restore,
-    save,
-    start_run,
     trainable_parameters,
-    validate,
     validate_common,
-    write_json,
 )
 
 # --------------------------------------------------------------------------- options
@@ -254,7 +256,7 @@ def run_validation(run, model, tokenizer, eval_tasks, sandbox, train_args, data_
     """Greedy pass@1 on the held-out tasks, computed on the main process only."""
     metrics: dict = {}
     if run.is_main:
-        metrics = validate(
+        metrics, _ = evaluate(
             run.accelerator.unwrap_model(model),
             tokenizer,
             eval_tasks,
@@ -265,20 +267,6 @@ def run_validation(run, model, tokenizer, eval_tasks, sandbox, train_args, data_
         run.print(f"eval/pass@1 = {metrics['eval/pass@1']:.4f} on {len(eval_tasks)} tasks")
     run.accelerator.wait_for_everyone()
     return metrics
-
-
-def record_computed(run, computed: dict) -> None:
-    """Add values computed after parsing to the run's config (config.json and checkpoints)."""
-    run.config["computed"].update(computed)
-    if run.is_main:
-        write_json(run.run_dir / "config.json", run.config)
-    run.print("computed: " + ", ".join(f"{k}={v}" for k, v in computed.items()))
-
-
-def make_sandbox(train_args: SFTTrainArgs):
-    from sandbox import Sandbox
-
-    return Sandbox(workers=train_args.sandbox_workers or None, timeout=train_args.sandbox_timeout)
 
 
 @exit_on_user_error
@@ -298,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = start_run(
         train_args, (model_args, train_args, data_args), gradient_accumulation_steps=accumulation
     )
-    model, tokenizer = load_policy(model_args, run, resume_from=run.resume_from)
+    model, tokenizer = load_policy(model_args, run.resume_from)
     prepare_model(model)
     data = load_examples(tasks, tokenizer, data_args, log=run.print)
     accelerator = run.accelerator

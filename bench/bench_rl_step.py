@@ -154,7 +154,7 @@ def pretraining_examples(tok, tasks: list[dict], rng: random.Random) -> list[tup
     """prompt -> solution, then a blank line and another task's function: as a base model continues
     a HumanEval prompt, so a completion forced to 64 tokens holds a solution and then the start of
     the next ``def`` (where the reward cuts it) instead of noise."""
-    from coderl.models import encode_prompt_and_completion
+    from coderl.prompts import encode_prompt_and_completion
 
     examples = []
     for task in tasks:
@@ -243,7 +243,8 @@ class StopCuttingSandbox:
 
 def load_policy_model(model_dir: Path, seed: int, dtype: str):
     """Base + fresh LoRA r=8 on all linear layers, exactly as train_grpo_lora.py builds it."""
-    from coderl.models import add_adapter, load_model
+    from coderl.adapters import add_adapter
+    from coderl.models import load_model
 
     model, tokenizer = load_model(str(model_dir), quantization="none", dtype=dtype)
     torch.manual_seed(seed)  # identical initial adapter weights on both sides
@@ -255,21 +256,18 @@ def load_policy_model(model_dir: Path, seed: int, dtype: str):
 
 
 def build_ours(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path):
+    """This project's side: the GRPO trainer's run loop around the benchmark's model and tasks."""
     from coderl.generation import end_token_ids
-    from coderl.training import TaskStream, build_optimizer, start_run, trainable_parameters
-    from train_grpo_lora import (
-        GRPOArgs,
-        GRPOLoop,
-        GRPOModelArgs,
-        GRPORewardArgs,
-        GRPOTrainArgs,
-        Options,
-        TimedSandbox,
-    )
+    from coderl.rewards import RewardArgs
+    from coderl.rl_loop import RLLoop, RLModelArgs, RolloutArgs
+    from coderl.run import start_run
+    from coderl.training import TrainArgs, build_optimizer, trainable_parameters
+    from train_grpo_lora import GRPOArgs, Options
 
+    batch = args.num_prompts * args.num_generations
     opts = Options(
-        GRPOModelArgs(model=str(model_dir), quantization="none", dtype=args.dtype),
-        GRPOTrainArgs(
+        RLModelArgs(model=str(model_dir), quantization="none", dtype=args.dtype),
+        TrainArgs(
             output_dir=str(workdir / "ours"),
             logging_dir=str(workdir / "runs"),
             report_to="none",
@@ -277,38 +275,43 @@ def build_ours(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path):
             max_steps=args.warmup + args.steps,
             learning_rate=1e-5,
         ),
-        GRPOArgs(
-            num_prompts=args.num_prompts,
+        RolloutArgs(
+            batch_size=args.num_prompts,
             num_generations=args.num_generations,
             max_new_tokens=args.max_new_tokens,
-            generation_batch_size=args.num_prompts * args.num_generations,
-            micro_batch_size=args.num_prompts * args.num_generations,
-            loss_type="grpo",
-            scale_rewards="group",
-            beta=0.0,
-            epsilon=0.2,
-            num_iterations=1,
+            generation_batch_size=batch,
+            micro_batch_size=batch,
         ),
-        GRPORewardArgs(reward="unit_test"),
+        GRPOArgs(loss_type="grpo", scale_rewards="group", beta=0.0, epsilon=0.2, num_iterations=1),
+        RewardArgs(reward="unit_test"),
     )
-    run = start_run(opts.train, (opts.model, opts.train, opts.grpo, opts.reward))
+    run = start_run(opts.train, (opts.model, opts.train, opts.rollout, opts.grpo, opts.reward))
     model, tokenizer = load_policy_model(model_dir, args.seed, args.dtype)
     suppress_end_tokens(model, end_token_ids(model, tokenizer))
-    optimizer, scheduler = build_optimizer(trainable_parameters(model), opts.train)
-    loop = GRPOLoop(
-        run,
-        opts,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        tasks,
-        TaskStream(len(tasks), seed=args.seed),
-        TimedSandbox(StopCuttingSandbox(sandbox)),
-        opts.reward,
-    )
+    optimizer, _ = build_optimizer(trainable_parameters(model), opts.train)
+    loop = RLLoop(
+        "grpo", run, opts.train, opts.rollout, opts.reward, tasks, [], model, tokenizer,
+        StopCuttingSandbox(sandbox),
+    )  # fmt: skip
     loop.sampling = dataclasses.replace(loop.sampling, stop=())  # exactly max_new_tokens each
-    return loop
+    return OurStep(loop, opts, optimizer)
+
+
+@dataclass
+class OurStep:
+    """One GRPO step of train_grpo_lora.py, with its times and rollout metrics."""
+
+    loop: object
+    opts: object
+    optimizer: object
+
+    def step(self, step: int) -> dict:
+        from coderl.rollouts import rollout_metrics
+        from train_grpo_lora import grpo_step
+
+        self.loop.begin_step()
+        metrics, drawn = grpo_step(self.loop, self.opts, self.optimizer, step)
+        return {**metrics, **rollout_metrics(drawn), **self.loop.step_times()}
 
 
 @contextlib.contextmanager
@@ -346,7 +349,8 @@ def build_trl(args: BenchArgs, model_dir: Path, tasks, sandbox, workdir: Path, t
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from coderl.generation import end_token_ids, render_prompt
+    from coderl.generation import end_token_ids
+    from coderl.prompts import render_prompt
 
     model, tokenizer = load_policy_model(model_dir, args.seed, args.dtype)
     suppress_end_tokens(model, end_token_ids(model, tokenizer))
@@ -449,7 +453,7 @@ def interleaved(args: BenchArgs, trainer, loop, trl_times: TrlTimes) -> dict:
             step = len(records["ours"]) + 1
             start_rss = start_rss_window()
             with every_row_runs(args.no_skip):
-                metrics, _ = loop.step(step)
+                metrics = loop.step(step)
             records["ours"].append(
                 {
                     "step": metrics["time/step"],

@@ -256,7 +256,8 @@ class Ours:
 
 def build_ours(args: BenchArgs, model_dir: Path, workdir: Path):
     import train_sft_lora
-    from coderl.training import build_optimizer, start_run, trainable_parameters
+    from coderl.run import start_run
+    from coderl.training import build_optimizer, trainable_parameters
 
     train_args = train_sft_lora.SFTTrainArgs(
         output_dir=str(workdir / "ours"),

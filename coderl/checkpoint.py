@@ -117,7 +117,7 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(str(tmp))
     if hasattr(model, "peft_config"):
-        from coderl.models import write_base_fingerprint
+        from coderl.adapters import write_base_fingerprint
 
         write_base_fingerprint(model, tmp)  # lets a load onto the wrong base fail clearly
     torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")

@@ -10,6 +10,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 def table_header(k: int = 1) -> str:
@@ -68,12 +69,12 @@ def code_to_score(task: dict, completion: str) -> tuple[str, bool]:
 
     Instruct models answer in a markdown fence. A completion with a fence line is scored as its
     fenced block, extracted exactly as generation's instruct mode does
-    (:func:`coderl.generation.extract_code`): always for a stdin/stdout program (a fence line is
+    (:func:`coderl.prompts.extract_code`): always for a stdin/stdout program (a fence line is
     never valid C++ or a sensible Python program), and for a function task only when prompt +
     completion is not valid Python as it stands (a ``"```"`` inside a string stays code). The
     sandbox prepends the prompt to a function task's code, and the later definition wins.
     """
-    from coderl.generation import extract_code, task_kind, task_language
+    from coderl.prompts import extract_code, task_kind, task_language
 
     if not _FENCE_LINE.search(completion):
         return completion, False
@@ -198,3 +199,29 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def save_chart(rows: list[tuple[str, dict]], path: Path) -> None:
+    """A bar chart of pass@1 and the average generated tokens of each (name, summary) row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(name).name or name for name, _ in rows]
+    p1 = [s["pass@k"].get("pass@1", 0.0) for _, s in rows]
+    lengths = [s.get("avg_num_tokens") or 0.0 for _, s in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4))
+    ax1.bar(names, p1, color="tab:blue")
+    ax1.set_ylabel("pass@1")
+    ax1.set_ylim(0, 1)
+    for i, v in enumerate(p1):
+        ax1.text(i, v + 0.01, f"{v:.3f}", ha="center")
+    ax2.bar(names, lengths, color="tab:orange")
+    ax2.set_ylabel("avg. generated tokens")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

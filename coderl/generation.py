@@ -1,13 +1,6 @@
 """Batched generation of code completions for tasks, with prompts, stops and log-probs pinned down.
 
-Prompts (:func:`render_prompt`):
-
-* base mode, function task: ``task["prompt"]`` exactly (a HumanEval-style signature + docstring).
-* base mode, stdio task: the statement as a comment header in the task's language, one comment
-  line per statement line (``# `` for Python, ``// `` for C++), each ending in a newline; the model
-  writes the program after it. The sandbox gets rendered prompt + text (:func:`completion_for_sandbox`).
-* instruct mode: the tokenizer's chat template applied to one user message asking for the function
-  or program in a fenced code block; :func:`extract_code` takes the code out of the answer.
+Prompts come from :mod:`coderl.prompts` (one rendering for training, generation and evaluation).
 
 Stops. Function tasks in base mode stop at the first of :data:`BASE_STOP_SEQUENCES` in the
 completion (the start of the next top-level statement: ``"\\ndef "``, ``"\\nclass "``, ``"\\nif "``,
@@ -23,7 +16,7 @@ Token ids. ``Completion.token_ids`` is always a prefix of the ids the row sample
 (``Completion.sampled_ids``), never a re-encoding: the shortest prefix whose decoding covers the
 kept text. When a stop string begins inside a token, that token is kept whole, so
 ``decode(token_ids)`` starts with ``text`` and may run a few characters past it (into the stop
-string); otherwise the two are equal. ``num_tokens == len(token_ids)``. The prompt ids are :func:`coderl.models.encode_prompt`, the same function
+string); otherwise the two are equal. ``num_tokens == len(token_ids)``. The prompt ids are :func:`coderl.prompts.encode_prompt`, the same function
 training uses.
 
 Log-probs (``return_logprobs=True``): per kept token, ``log_softmax`` of the model's raw logits
@@ -38,27 +31,20 @@ step t the row takes the token where its cumulative :func:`sampling_probs` first
 their total (inverse-CDF sampling, the whole batch in one tensor operation,
 :func:`inverse_cdf_sample`). So a completion does not depend on which other completions share its
 batch (up to floating-point differences from padding), its uniforms are the same on every device,
-and its first k tokens do not depend on ``max_new_tokens``. (Before this scheme each row called ``torch.multinomial``
-with its own generator every step: same distribution, a different stream, so a given seed now
-draws different samples than it did then.) Greedy results are identical across batch sizes (left
+and its first k tokens do not depend on ``max_new_tokens``. Greedy results are identical across batch sizes (left
 padding with explicit position ids from the attention mask). The model's own generation defaults
 (repetition penalty, top-k, ...) are switched off for the call; the model is put in eval mode and
 its mode restored afterwards.
 
-Speed. ``model.generate`` (greedy, KV cache) runs the decode loop; our sampler is a logits
+Speed. ``model.generate`` (greedy, KV cache) runs the decode loop; the sampler is a logits
 processor that leaves only the drawn token allowed, and the stop strings are a stopping criterion
-that decodes each live row's last few tokens once per step with the tokenizer's Rust backend. On the
-tiny CPU model (32 rows, one thread, about 10 ms per forward step) the former per-row
-``torch.multinomial`` calls took about 4 ms per step and a Python-level ``decode`` per row and
-stop string about 1.4 ms; now each takes about 0.3 ms, and the model's forward passes are about 90%
-of ``generate`` (``bench/bench_generation.py`` measures old against new). With top-p < 1 the sort
-in :func:`sampling_probs` adds about 4.5 ms per step there.
+that decodes each live row's last few tokens once per step with the tokenizer's Rust backend
+(``bench/bench_generation.py`` measures it against plain ``model.generate``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -66,19 +52,16 @@ import torch
 
 from coderl.cli import derive_seed
 from coderl.errors import UserError
-from coderl.models import chat_end_of_turn_id, encode_prompt, eval_mode, unwrap_model
+from coderl.models import eval_mode, unwrap_model
+from coderl.prompts import (
+    chat_end_of_turn_id,
+    check_prompt_mode,
+    encode_prompt,
+    render_prompt,
+    task_kind,
+)
 
 BASE_STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n```")
-PROMPT_MODES = ("base", "instruct")
-LANGUAGE_NAMES = {"python": "Python", "cpp": "C++"}
-COMMENT_PREFIXES = {"python": "#", "cpp": "//"}
-FENCE_TAGS = {"python": ("python", "py", "python3"), "cpp": ("cpp", "c++", "cc", "cxx")}
-# A fenced block: opening ``` with an optional tag, the body, then a closing ``` line or the end.
-_FENCED_BLOCK = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
-_CODE_START = {
-    "python": re.compile(r"^(?:def |async def |import |from \S+ import )", re.M),
-    "cpp": re.compile(r"^#include", re.M),
-}
 
 
 @dataclass
@@ -120,105 +103,6 @@ class Completion:
     sampled_ids: list[int] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------
-# Prompts and what the sandbox runs
-
-
-def task_language(task: dict) -> str:
-    return task.get("language") or "python"
-
-
-def task_kind(task: dict) -> str:
-    """ "stdio" if the task has a ``tests`` list, else "function" (the sandbox's rule)."""
-    return "stdio" if isinstance(task.get("tests"), list) else "function"
-
-
-def comment_header(statement: str, language: str) -> str:
-    """The statement as comment lines of ``language``, each ending in a newline."""
-    prefix = COMMENT_PREFIXES.get(language)
-    if prefix is None:
-        raise UserError(
-            f"no comment syntax for language {language!r} (known: {', '.join(COMMENT_PREFIXES)})"
-        )
-    lines = statement.rstrip("\n").split("\n")
-    return "".join(f"{prefix} {line}".rstrip() + "\n" for line in lines)
-
-
-def instruction(task: dict) -> str:
-    """The user message of instruct mode."""
-    language = task_language(task)
-    if task_kind(task) == "function":
-        prompt = task["prompt"] if task["prompt"].endswith("\n") else task["prompt"] + "\n"
-        return (
-            "Complete the following Python function. Answer with the whole function in one "
-            f"```python code block.\n\n```python\n{prompt}```"
-        )
-    name = LANGUAGE_NAMES.get(language, language)
-    tag = FENCE_TAGS.get(language, (language,))[0]
-    return (
-        f"Solve the following problem in {name}. The program reads standard input and writes standard "
-        f"output. Answer with the whole program in one ```{tag} code block.\n\n{task['prompt']}"
-    )
-
-
-def render_prompt(task: dict, tokenizer, prompt_mode: str) -> str:
-    """The prompt text the model continues (see the module docstring for each mode and task kind)."""
-    _check_prompt_mode(prompt_mode)
-    if prompt_mode == "instruct":
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                "the tokenizer has no chat template; use prompt_mode=base for this model"
-            )
-        messages = [{"role": "user", "content": instruction(task)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if task_kind(task) == "function":
-        return task["prompt"]
-    return comment_header(task["prompt"], task_language(task))
-
-
-def completion_for_sandbox(task: dict, rendered_prompt: str, text: str, prompt_mode: str) -> str:
-    """What to hand the sandbox as the completion of ``task``.
-
-    Function task, base mode: the completion text (the sandbox prepends ``task["prompt"]``).
-    stdio task, base mode: rendered prompt + text, the whole program. Instruct mode: the extracted
-    code (for a function task the whole function; the sandbox prepends the prompt and the later
-    definition wins).
-    """
-    _check_prompt_mode(prompt_mode)
-    if prompt_mode == "instruct":
-        return extract_code(text, task_language(task))
-    if task_kind(task) == "function":
-        return text
-    return rendered_prompt + text
-
-
-def extract_code(text: str, language: str) -> str:
-    """The code in a chat answer: the first fenced block tagged for ``language`` or untagged (an
-    unclosed fence runs to the end); else any fenced block; else the text from the first
-    ``#include`` (C++) / top-level ``def`` or ``import`` (Python); else the text itself."""
-    blocks = [(m[1].lower(), m[2]) for m in _FENCED_BLOCK.finditer(text)]
-    accepted = ("",) + FENCE_TAGS.get(language, (language,))
-    for tag, body in blocks:
-        if tag in accepted:
-            return _with_final_newline(body)
-    if blocks:
-        return _with_final_newline(blocks[0][1])
-    start = _CODE_START.get(language)
-    match = start.search(text) if start is not None else None
-    return text[match.start() :] if match else text
-
-
-def _with_final_newline(code: str) -> str:
-    return code if code.endswith("\n") or not code else code + "\n"
-
-
-def _check_prompt_mode(prompt_mode: str) -> None:
-    if prompt_mode not in PROMPT_MODES:
-        raise UserError(
-            f"unknown prompt mode {prompt_mode!r} (choose from {', '.join(PROMPT_MODES)})"
-        )
-
-
 def stop_sequences_for(task: dict, cfg: SamplingConfig) -> tuple[str, ...]:
     """The stop strings for ``task``: ``cfg.stop`` if given, else the pinned default for the mode."""
     if cfg.stop is not None:
@@ -239,7 +123,7 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def _check_config(cfg: SamplingConfig) -> None:
-    _check_prompt_mode(cfg.prompt_mode)
+    check_prompt_mode(cfg.prompt_mode)
     if cfg.max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.temperature < 0:
@@ -517,31 +401,15 @@ def _generate_batch(
     return [finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)]
 
 
-def completion_logprobs(
-    model, prompts: list[list[int]], completions: list[list[int]], pad_id: int
-) -> list[list[float]]:
-    """Per-token log-probs of each completion after its prompt: log_softmax of the raw logits."""
+def kept_logprobs(model, prompts: list[list[int]], kept: list[list[int]], pad_id: int):
+    """Per-token log-probs of each row's kept ids after its prompt (raw logits, temperature 1)."""
+    from coderl.logprobs import completion_logprobs, pack_rows
+
     device = next(model.parameters()).device
-    input_ids, mask = _left_pad([p + c for p, c in zip(prompts, completions)], pad_id, device)
-    # Left padding right-aligns every row, so all completion tokens sit in the last columns.
-    keep = max(len(c) for c in completions) + 1
-    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": _positions(mask)}
     with torch.no_grad():
-        try:  # only the last `keep` columns: a full-vocabulary logit tensor per position is large
-            logits = model(**inputs, logits_to_keep=keep).logits
-        except TypeError:  # a model whose forward has no logits_to_keep
-            logits = model(**inputs).logits[:, -keep:]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    results = []
-    for row, tokens in enumerate(completions):
-        if not tokens:
-            results.append([])
-            continue
-        first = keep - len(tokens) - 1  # the logit column that predicts tokens[0]
-        cols = torch.arange(first, first + len(tokens), device=device)
-        targets = torch.tensor(tokens, device=device)
-        results.append(logprobs[row, cols, targets].tolist())
-    return results
+        batch = pack_rows(prompts, kept, pad_id, device)
+        logprobs = completion_logprobs(model, batch, share_prompts=False).logprobs
+    return [logprobs[row, : len(ids)].tolist() for row, ids in enumerate(kept)]
 
 
 @dataclass
@@ -561,10 +429,13 @@ def generate(
     seed: int = 0,
     return_logprobs: bool = False,
     progress: bool = False,
+    first_task_index: int = 0,
 ) -> list[Completion]:
     """``cfg.n`` completions per task, ordered by (task index, sample index).
 
     Greedy decoding (``temperature == 0``) generates once per task and repeats it ``n`` times.
+    Sample ``s`` of ``tasks[t]`` is seeded with ``derive_seed(seed, first_task_index + t, s)``:
+    a caller that splits one draw of tasks into parts passes each part's offset.
     """
     from tqdm.auto import tqdm
 
@@ -581,7 +452,8 @@ def generate(
         prompt_ids = encode_prompt(tokenizer, render_prompt(task, tokenizer, cfg.prompt_mode))
         stops = stop_sequences_for(task, cfg)
         items += [
-            _WorkItem(t, s, prompt_ids, stops, derive_seed(seed, t, s)) for s in range(copies)
+            _WorkItem(t, s, prompt_ids, stops, derive_seed(seed, first_task_index + t, s))
+            for s in range(copies)
         ]
     # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
     order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
@@ -601,7 +473,7 @@ def generate(
                 pad_id,
             )
             logprobs = (
-                completion_logprobs(model, prompts, [row.token_ids for row in outputs], pad_id)
+                kept_logprobs(model, prompts, [row.token_ids for row in outputs], pad_id)
                 if return_logprobs
                 else [None] * len(batch)
             )

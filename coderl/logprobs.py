@@ -22,6 +22,7 @@ output head runs on exactly the positions that predict a completion token.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -53,12 +54,16 @@ class PackedBatch:
         return self.completion_ids.shape[0]
 
     def rows(self, index: torch.Tensor | Sequence[int]) -> PackedBatch:
-        """The batch of the given rows (prompts they do not use are kept: harmless padding)."""
+        """The batch of the given rows, with only the prompts they continue (a prompt pass costs
+        the same whichever rows are taken)."""
         index = torch.as_tensor(index, device=self.completion_ids.device)
+        used, row_prompt = torch.unique(self.row_prompt[index], return_inverse=True)
+        prompt_mask = self.prompt_mask[used]
+        first = int(prompt_mask.any(dim=0).int().argmax())  # left padding no kept prompt needs
         return PackedBatch(
-            self.prompt_ids,
-            self.prompt_mask,
-            self.row_prompt[index],
+            self.prompt_ids[used, first:],
+            prompt_mask[:, first:],
+            row_prompt,
             self.completion_ids[index],
             self.completion_mask[index],
         )
@@ -97,6 +102,18 @@ def pack_rows(
     if device is not None:
         tensors = [t.to(device) for t in tensors]
     return PackedBatch(*tensors)
+
+
+def pack_rollouts(rollouts: Sequence, pad_id: int, device=None) -> PackedBatch:
+    """:func:`pack_rows` of rollouts (anything with ``prompt_ids`` and ``completion_ids``)."""
+    prompts = [r.prompt_ids for r in rollouts]
+    return pack_rows(prompts, [r.completion_ids for r in rollouts], pad_id, device)
+
+
+def micro_batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` in consecutive runs of at most ``size``."""
+    indices = list(indices)
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
 
 
 class Outputs(NamedTuple):
@@ -141,7 +158,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
     hidden = prompt.hidden_states[-1][batch.row_prompt, -1:] if with_hidden else None
     if batch.completion_ids.shape[1] == 1:
         return Outputs(logits, hidden)
-    cache = prompt.past_key_values
+    cache = prompt.cache if "cache" in prompt else prompt.past_key_values  # renamed in 5.2x
     cache.batch_select_indices(batch.row_prompt)
     attention = torch.cat(
         [batch.prompt_mask[batch.row_prompt], batch.completion_mask[:, :-1].long()], dim=1
@@ -150,7 +167,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
         input_ids=batch.completion_ids[:, :-1],
         attention_mask=attention,
         position_ids=batch.completion_positions[:, :-1],
-        past_key_values=cache,
+        **{_cache_argument(model): cache},
         use_cache=True,
         output_hidden_states=with_hidden,
     )
@@ -158,6 +175,13 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
     if with_hidden:
         hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
     return Outputs(logits, hidden)
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before (and removed in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class CompletionLogprobs(NamedTuple):
@@ -240,6 +264,15 @@ def _spread_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Te
     """(K, H) values of the packed completion tokens as (B, C, H), zero on padding columns."""
     rows = flat.split(lengths)
     return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+
+
+def reference_logprobs(
+    model, batch: PackedBatch, temperature: float = 1.0, share_prompts: bool = True
+) -> torch.Tensor:
+    """:func:`completion_logprobs` under the base model (a peft model's adapter disabled), without
+    gradient: the reference a KL penalty compares the policy with."""
+    with torch.no_grad(), model.disable_adapter():
+        return completion_logprobs(model, batch, temperature, share_prompts=share_prompts).logprobs
 
 
 # --------------------------------------------------------------------------- padding-free pass

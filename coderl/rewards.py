@@ -24,6 +24,7 @@ the harness's fault, never the model's: they are masked out of the loss (``mask`
 from __future__ import annotations
 
 import ast
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,10 +37,11 @@ LIMIT_VERDICTS = {"timeout", "memory_limit", "output_limit"}
 @dataclass
 class RewardArgs:
     reward: str = field(
-        default="unit_test",
+        default="auto",
         metadata={
-            "help": "Reward function: unit_test | partial | shaped | weighted (see coderl/rewards.py).",
-            "choices": ["unit_test", "partial", "shaped", "weighted"],
+            "help": "Reward function: unit_test, partial, shaped, weighted (see coderl/rewards.py); "
+            "auto: partial for a task file with stdin/stdout tasks, else unit_test.",
+            "choices": ["auto", "unit_test", "partial", "shaped", "weighted"],
         },
     )
     length_alpha: float = field(
@@ -187,8 +189,20 @@ REWARDS: dict[str, Callable[[Sequence[Scored], RewardArgs], list[float]]] = {
 }
 
 
+def resolve_reward(args: RewardArgs, tasks: Sequence[dict]) -> RewardArgs:
+    """``auto`` -> partial when the tasks include stdin/stdout ones, else unit_test."""
+    if args.reward != "auto":
+        return args
+    from coderl.prompts import task_kind
+
+    stdio = any(task_kind(t) == "stdio" for t in tasks)
+    return dataclasses.replace(args, reward="partial" if stdio else "unit_test")
+
+
 def compute_rewards(items: Sequence[Scored], args: RewardArgs) -> tuple[list[float], list[bool]]:
-    """Rewards and a loss mask (False for ``infra_error``: not the model's fault, not scored)."""
+    """Rewards and a loss mask (False for ``infra_error``: not the model's fault, not scored).
+    ``auto`` is resolved from these items' tasks (a run resolves it once, from its task file)."""
+    args = resolve_reward(args, [it.task for it in items])
     if args.reward not in REWARDS:
         raise UserError(f"unknown reward {args.reward!r}; choose from {', '.join(REWARDS)}")
     rewards = REWARDS[args.reward](items, args)

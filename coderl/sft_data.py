@@ -38,7 +38,7 @@ def target_text(task: dict, prompt_mode: str) -> str:
     """The text the model learns to produce after the rendered prompt: in base mode the canonical
     solution as it is (a function body keeps its indentation); in instruct mode one fenced block
     with the whole function (function tasks) or the program (stdin tasks)."""
-    from coderl.generation import task_kind
+    from coderl.prompts import task_kind
 
     solution = task["canonical_solution"]
     if prompt_mode == "base":
@@ -57,8 +57,7 @@ def encode_example(task: dict, tokenizer, prompt_mode: str) -> Example:
     """Prompt ids exactly as generation encodes them, the target tokenized on its own, then the
     token that ends an answer at inference (the chat template's end-of-turn in instruct mode, such
     as ``<|im_end|>``, else EOS)."""
-    from coderl.generation import render_prompt
-    from coderl.models import completion_end_id, encode_prompt_and_completion
+    from coderl.prompts import completion_end_id, encode_prompt_and_completion, render_prompt
 
     prompt = render_prompt(task, tokenizer, prompt_mode)
     end_id = completion_end_id(tokenizer, prompt_mode)

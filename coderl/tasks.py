@@ -18,6 +18,7 @@ Extra keys are allowed and kept (data sets carry metadata). Files may be plain o
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -215,3 +216,24 @@ def _text_lines(file: Path) -> Iterator[str]:
                 yield from handle
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise UserError(f"{file}: cannot be read as UTF-8 JSONL ({err})") from None
+
+
+def content_fingerprint(path: str | os.PathLike, hash_limit: int = 64 << 20) -> str | None:
+    """A short digest of what a local file or folder holds (None for anything else, e.g. a hub
+    id): every file's relative path, size and content, except that files over ``hash_limit``
+    bytes (a base model's weights) count by size and modification time, not read."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root)}:{stat.st_size}:".encode())
+        if stat.st_size > hash_limit:
+            digest.update(str(stat.st_mtime_ns).encode())
+            continue
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

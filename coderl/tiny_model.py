@@ -15,7 +15,7 @@ Tokenizer choices that matter downstream:
 * Byte-level pre-tokenizer and decoder with no normalizer and no prefix space, so
   ``decode(encode(x)) == x`` for any text (spaces, tabs, indentation, newlines, non-ASCII).
 * A BOS token is prepended by the tokenizer's post-processor (as Llama tokenizers do), so the
-  "add BOS once" logic of :func:`coderl.models.encode_prompt` is exercised by the tiny preset.
+  "add BOS once" logic of :func:`coderl.prompts.encode_prompt` is exercised by the tiny preset.
 * Special tokens use ``<|...|>`` spellings that do not occur in ordinary source code; a
   tokenizer would otherwise split a literal ``</s>`` in a program into an EOS token.
 * Weights are drawn with std ``1 / sqrt(hidden_size)`` (fan-in scaling), not transformers'

@@ -15,10 +15,9 @@
 # (absolute), SEED. Layout under OUT:
 #   checkpoints/<name>/  training output (checkpoint-<step>/, final/)
 #   runs/<name>/         metrics.jsonl and TensorBoard logs of a training run
-#   models/<name>        a link to what row <name> evaluates (so the table names rows by <name>)
 #   eval/<name>/         samples.jsonl, results.jsonl, summary.json of one evaluation
 #   eval_humaneval/<name>/, eval_pass8/<name>/  the small preset's further evaluations
-#   .stamps/             what each finished evaluation and chart was made from (for skipping)
+#   .stamps/             what each chart was made from (for skipping)
 
 # log MESSAGE: a stage line on stderr, with the time since the pipeline started.
 log() { printf '\n== [%s] %s\n' "$(elapsed)" "$*" >&2; }
@@ -111,7 +110,7 @@ config_contents() {
 # preset also VAL_FILE (held back from the RL pool, the training runs' --eval_file) and
 # HUMANEVAL_FILE. MODEL_FLAGS go to every training run and evaluation, TRAIN_FLAGS to every
 # training run. OUT, DATA and a local MODEL are made absolute: adapters record their base by
-# path, and evaluation runs from $OUT/models.
+# path.
 # shellcheck disable=SC2034  # the globals set here are read by the pipelines
 setup_preset() {
   command -v "$PYTHON" > /dev/null || die "PYTHON=$PYTHON: no such interpreter"
@@ -218,13 +217,12 @@ train_sft() {
     --train_file "$SFT_FILE" ${flags[@]+"${flags[@]}"}
 }
 
-# rl_overrides PROMPTS_OPTION: set RL_FLAGS to the quick-check overrides of the RL configs
-# (RL_MAX_STEPS, RL_PROMPTS, RL_GENERATIONS, MAX_NEW_TOKENS, VAL_TASKS; 0 = keep the config's).
-# PROMPTS_OPTION is the script's name for prompts per step (--batch_size or --num_prompts).
+# rl_overrides: set RL_FLAGS to the quick-check overrides of the RL configs (RL_MAX_STEPS,
+# RL_PROMPTS, RL_GENERATIONS, MAX_NEW_TOKENS, VAL_TASKS; 0 = keep the config's).
 rl_overrides() {
   RL_FLAGS=()
   if [ "${RL_MAX_STEPS:-0}" -gt 0 ]; then RL_FLAGS+=(--max_steps "$RL_MAX_STEPS"); fi
-  if [ "${RL_PROMPTS:-0}" -gt 0 ]; then RL_FLAGS+=("$1" "$RL_PROMPTS"); fi
+  if [ "${RL_PROMPTS:-0}" -gt 0 ]; then RL_FLAGS+=(--batch_size "$RL_PROMPTS"); fi
   if [ "${RL_GENERATIONS:-0}" -gt 0 ]; then RL_FLAGS+=(--num_generations "$RL_GENERATIONS"); fi
   if [ "${MAX_NEW_TOKENS:-0}" -gt 0 ]; then RL_FLAGS+=(--max_new_tokens "$MAX_NEW_TOKENS"); fi
   validation_overrides
@@ -348,60 +346,35 @@ add_row() {
   ROW_SOURCES+=("$3")
 }
 
-# model_ref NAME SOURCE: the --model that evaluation is given. A local folder is linked as
-# $OUT/models/NAME and evaluated from there under that name, so the table's row reads NAME; a hub
-# id is used as it is (the row reads the id, as in the seed's table).
-model_ref() {
-  local name=$1 source=$2
-  if [ -d "$source" ]; then
-    mkdir -p "$OUT/models"
-    ln -sfn "$(absolute "$source")" "$OUT/models/$name"
-    printf '%s\n' "$name"
-  else
-    printf '%s\n' "$source"
-  fi
-}
-
 # evaluate NAME METHOD SOURCE TASKS TABLE ARGS...: evaluate one checkpoint with eval_humaneval.py
 # (ARGS: its settings, the same for every row) into $OUT/eval/NAME and put its row in TABLE.
 evaluate() { evaluate_in eval "$@"; }
 
 # evaluate_in DIR NAME ...: evaluate, into $OUT/DIR/NAME (another evaluation of the same row).
+# Whether the folder is current is eval_humaneval.py's to say (--status: the same settings and
+# the same checkpoint and tasks by content, finished, its row in TABLE); a folder of other
+# settings or another checkpoint is started over, an interrupted one picked up. A local SOURCE's
+# row is named NAME; a hub id's row keeps the id, as in the seed's table.
 evaluate_in() {
   local dir=$1 name=$2 method=$3 source=$4 tasks=$5 table=$6
   shift 6
-  set -- ${MODEL_FLAGS[@]+"${MODEL_FLAGS[@]}"} "$@"
-  local out="$OUT/$dir/$name" key="${dir}_$name" model stamp
-  model=$(model_ref "$name" "$source")
-  stamp=$(
-    printf '%s\n' "$model" "$tasks" "$@"
-    config_contents "$@"
-    fingerprint "$source" "$tasks"
-  )
   local label="${dir//_/ } $name" # "eval base", "eval humaneval base", "eval pass8 base"
-  if [ -f "$out/summary.json" ] && stamp_matches "$key" "$stamp" \
-    && grep -qF "| \`$model\` |" "$table" 2> /dev/null; then
-    skip "$label"
-    return 0
-  fi
-  local overwrite=()
-  if [ -f "$(stamp_file "$key")" ] && ! stamp_matches "$key" "$stamp"; then
-    # Another checkpoint or other settings than the folder holds: its rows would not compare.
-    overwrite=(--overwrite)
-    log "$label ($method): settings or checkpoint changed, starting over"
-  elif [ -f "$out/summary.json" ]; then
-    log "$label ($method): re-reading the finished evaluation"
-  else
-    log "$label ($method)"
-  fi
-  mkdir -p "$out" "$OUT/models" "$(dirname "$table")"
-  write_stamp "$key" "$stamp"
-  # Run from models/ so that a linked checkpoint is named by its row name.
-  (
-    cd "$OUT/models" || exit
-    "$PYTHON" "$REPO/eval_humaneval.py" --model "$model" --problems "$tasks" --output_dir "$out" \
-      --method "$method" --table "$table" ${overwrite[@]+"${overwrite[@]}"} "$@"
-  )
+  local naming=()
+  if [ -d "$source" ]; then naming=(--name "$name"); fi
+  local command=("$PYTHON" "$REPO/eval_humaneval.py" --model "$source" ${naming[@]+"${naming[@]}"}
+    --problems "$tasks" --output_dir "$OUT/$dir/$name" --method "$method" --table "$table"
+    ${MODEL_FLAGS[@]+"${MODEL_FLAGS[@]}"} "$@")
+  mkdir -p "$(dirname "$table")"
+  case $("${command[@]}" --status) in
+    current)
+      skip "$label"
+      return 0
+      ;;
+    changed) log "$label ($method): settings or checkpoint changed, starting over" ;;
+    partial | finished) log "$label ($method): picking up the evaluation" ;;
+    *) log "$label ($method)" ;;
+  esac
+  "${command[@]}" --restart_changed
 }
 
 # evaluate_rows TASKS TABLE ARGS...: evaluate every row added with add_row.

@@ -101,30 +101,56 @@ def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidde
     return logprobs, entropy
 
 
-def full_vocab_completion_logprobs(model, prompts, completions, pad_id, temperature=1.0):
-    """:func:`full_vocab_logprobs` of the right-padded rows ``prompt + completion``, laid out as
-    ``coderl.logprobs.completion_logprobs`` returns them: log-probs, entropies (B, C) and last
-    hidden states (B, C, H), column j for completion token j, zero past each completion's end."""
-    rows = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+def right_padded(prompt_ids, completion_ids, pad_id: int):
+    """Reference layout for log-prob tests: each row ``prompt + completion`` right-padded, with
+    ``input_ids``, ``attention_mask`` (B x T) and a completion mask aligned with
+    :func:`full_vocab_logprobs` (B x T-1: position t-1 is 1 where token t is a completion token)."""
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
+    completion = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention[i, : len(row)] = 1
-    logprobs, entropy, hidden = full_vocab_logprobs(
-        model, input_ids, attention, temperature, hidden=True
+        completion[i, len(prompt) - 1 : len(row) - 1] = 1.0
+    return input_ids, attention, completion
+
+
+def full_vocab_logprobs_of_batch(
+    model,
+    batch,
+    temperature=1.0,
+    with_entropy=False,
+    entropy_grad=False,
+    with_hidden=False,
+    share_prompts=True,
+):
+    """Reference for ``coderl.logprobs.completion_logprobs``, same arguments and result: one pass
+    over each whole row in the same layout (left-padded prompt, then its completion), the output
+    head and the log-softmax over every position and the whole vocabulary, read back at the
+    completion tokens. With ``share_prompts=False`` the two compute the same sums in the same
+    layout, so they agree to float rounding of the head alone."""
+    from coderl.logprobs import CompletionLogprobs
+
+    width = batch.completion_ids.shape[1]
+    ids = torch.cat([batch.prompt_ids[batch.row_prompt], batch.completion_ids], dim=1)
+    att = torch.cat([batch.prompt_mask[batch.row_prompt], batch.completion_mask.long()], dim=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=att,
+        position_ids=(att.cumsum(-1) - 1).clamp(min=0),
+        output_hidden_states=with_hidden,
     )
-    columns = max(max(len(c) for c in completions), 1)
-    out_logprobs = logprobs.new_zeros((len(rows), columns))
-    out_entropy = entropy.new_zeros((len(rows), columns))
-    out_hidden = hidden.new_zeros((len(rows), columns, hidden.shape[-1]))
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        at = slice(len(p) - 1, len(p) - 1 + len(c))  # position t predicts token t + 1
-        out_logprobs[i, : len(c)] = logprobs[i, at]
-        out_entropy[i, : len(c)] = entropy[i, at]
-        out_hidden[i, : len(c)] = hidden[i, at]
-    return out_logprobs, out_entropy, out_hidden
+    logprobs_all = torch.log_softmax(out.logits[:, -width - 1 : -1].float() / temperature, -1)
+    mask = batch.completion_mask
+    logprobs = logprobs_all.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * mask
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) * mask
+    hidden = out.hidden_states[-1][:, -width - 1 : -1] if with_hidden else None
+    return CompletionLogprobs(logprobs, entropy, hidden)
 
 
 def record_packed_layouts(monkeypatch) -> list:
@@ -157,7 +183,8 @@ def move_lora_b_off_zero(model, std: float = 0.02) -> None:
 def tiny_lora_model(model_dir: str):
     """The model with a LoRA adapter (r 4, no dropout, on q/v/down) whose B is off zero, so A
     has a gradient too; returns the model and its tokenizer."""
-    from coderl.models import add_adapter, load_model
+    from coderl.adapters import add_adapter
+    from coderl.models import load_model
 
     model, tokenizer = load_model(model_dir)
     model = add_adapter(model, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj,down_proj")

@@ -67,7 +67,7 @@ def test_eval_mode_and_p_zero_are_the_identity():
 def test_use_gap_dropout_replaces_lora_dropouts_and_keeps_the_outputs_in_eval():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from coderl.models import add_adapter
+    from coderl.adapters import add_adapter
 
     torch.manual_seed(0)
     config = LlamaConfig(

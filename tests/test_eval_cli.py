@@ -323,3 +323,46 @@ def test_fenced_completions_are_scored_as_their_block_and_say_so(tmp_path):
     rows = read_rows(tmp_path / "o" / "results.jsonl")
     assert [r["status"] for r in rows] == ["passed"] * 5
     assert [r.get("extracted") for r in rows] == ["fenced_block"] * 3 + [None, None]
+
+
+def test_status_names_rows_and_restarts_an_evaluation_of_another_checkpoint(
+    tmp_path, tiny_model_dir, toy_file
+):
+    """What the pipelines rely on to skip or redo an evaluation: --status says missing, current,
+    finished (row gone from the table), partial and changed (the checkpoint's content changed at
+    the same path); a changed folder is refused, or started over with --restart_changed; a
+    current one is reported again without generating; --name names the row."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out, table = tmp_path / "eval", tmp_path / "table.md"
+    common = ["--model", model, "--name", "sft", "--problems", toy_file, "--output_dir", out]
+    common += ["--table", table, "--max_new_tokens", "8", "--batch_size", "3"]
+
+    def status():
+        return run_eval(*common, "--status").stdout.strip()
+
+    assert status() == "missing"
+    run_eval(*common)
+    assert status() == "current"
+    assert "| `sft` |" in table.read_text() and str(model) not in table.read_text()
+    table.write_text(table.read_text().replace("| `sft` |", "| `other` |"))
+    assert status() == "finished"
+    samples = (out / "samples.jsonl").read_text()
+    proc = run_eval(*common)  # reported again from its files: no model loaded, nothing generated
+    assert "reporting it again" in proc.stderr and "| `sft` |" in table.read_text()
+    assert (out / "samples.jsonl").read_text() == samples and status() == "current"
+    write_jsonl(out / "results.jsonl", read_rows(out / "results.jsonl")[:2])
+    assert status() == "partial"
+    run_eval(*common)
+    assert status() == "current"
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": "retrained"}', 1))
+    assert status() == "changed"
+    proc = run_eval(*common, check=False)
+    assert proc.returncode == 2 and "other settings (checkpoint)" in proc.stderr
+    proc = run_eval(*common, "--restart_changed")
+    assert "resuming" not in proc.stderr and status() == "current"
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["name"] == "sft" and settings["checkpoint"] and settings["problems_content"]

@@ -19,19 +19,23 @@ from coderl.generation import (
     BASE_STOP_SEQUENCES,
     Completion,
     SamplingConfig,
-    completion_for_sandbox,
     decode,
     end_token_ids,
-    extract_code,
     fast_decoder,
     generate,
     inverse_cdf_sample,
-    render_prompt,
     row_uniforms,
     sampling_probs,
     truncate_at_stop,
 )
-from coderl.models import encode_prompt, encode_prompt_and_completion, load_model
+from coderl.models import load_model
+from coderl.prompts import (
+    completion_for_sandbox,
+    encode_prompt,
+    encode_prompt_and_completion,
+    extract_code,
+    render_prompt,
+)
 from tests.helpers import scripted
 
 FUNCTION_TASKS = [
@@ -619,7 +623,7 @@ def test_logprobs_equal_a_manual_forward_pass(model_and_tokenizer):
 
 
 def test_generation_uses_the_attached_adapter(tiny_model_dir):
-    from coderl.models import add_adapter
+    from coderl.adapters import add_adapter
 
     model, tokenizer = load_model(tiny_model_dir, quantization="4bit")
     shipped_config = model.generation_config

@@ -15,16 +15,14 @@ import pytest
 import torch
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
-from tests.helpers import REPO, run_script, script_env
+from coderl.logprobs import completion_logprobs, pack_rows
+from coderl.rollouts import adapter_folded, foldable_adapter_layers
+from tests.helpers import REPO, full_vocab_logprobs, right_padded, run_script, script_env
 from train_grpo_lora import (
-    adapter_folded,
     assemble_groups,
-    completion_logprobs,
-    foldable_adapter_layers,
     group_advantages,
     grpo_loss,
     overlong_penalty,
-    pack_rows,
     zero_std_groups,
 )
 
@@ -156,10 +154,10 @@ def test_clipped_tokens_get_no_gradient():
 def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir, share_prompts):
     """mu = 1, beta = 0: rho = 1, and the GRPO gradient is the policy gradient
     -1/N sum_i A_i * (1/|y_i|) sum_t grad log pi(y_it), computed here through the shared
-    right-padded plumbing (coderl.training.token_logprobs: one pass per full row), both when the
-    script runs each prompt once for its group and when it runs every row whole."""
-    from coderl.models import add_adapter, load_model
-    from coderl.training import pack_sequences, token_logprobs
+    right-padded reference (one pass per full row over every position), both when the script
+    runs each prompt once for its group and when it runs every row whole."""
+    from coderl.adapters import add_adapter
+    from coderl.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir)
@@ -177,14 +175,14 @@ def test_gradient_equals_reinforce_with_group_mean_baseline(tiny_model_dir, shar
 
     batch = pack_rows(prompt_of, completions, tok.pad_token_id)
     assert batch.prompt_ids.shape[0] == 2 and batch.row_prompt.tolist() == [0, 0, 1, 1]
-    new_lp, _ = completion_logprobs(model, batch, share_prompts=share_prompts)
+    new_lp = completion_logprobs(model, batch, share_prompts=share_prompts).logprobs
     loss, _ = grpo_loss(
         new_lp, new_lp.detach(), None, adv, batch.completion_mask, 0.2, 0.2, 0.0, "grpo", 8
     )
     grads = torch.autograd.grad(loss, params)
 
-    ids, att, cmask = pack_sequences(prompt_of, completions, tok.pad_token_id)
-    lp = token_logprobs(model, ids, att)
+    ids, att, cmask = right_padded(prompt_of, completions, tok.pad_token_id)
+    lp, _ = full_vocab_logprobs(model, ids, att)
     torch.testing.assert_close(
         new_lp[batch.completion_mask.bool()], lp[cmask.bool()], rtol=1e-5, atol=1e-5
     )
@@ -201,7 +199,8 @@ def test_shared_prompt_path_under_kbit_gradient_checkpointing(tiny_model_dir):
     checkpointing on, which turns the key/value cache off in train mode: the shared-prompt forward
     then had no cache to select rows from (AttributeError at the first update). It must fall back
     to one pass per row and give the same log-probs and gradients as with checkpointing off."""
-    from coderl.models import add_adapter, gradient_checkpointing_on, load_model
+    from coderl.adapters import add_adapter
+    from coderl.models import gradient_checkpointing_on, load_model
 
     model, tok = load_model(tiny_model_dir, quantization="4bit")
     model = add_adapter(model, "qlora", r=4, alpha=8, dropout=0.0, prepare_kbit=True)
@@ -220,7 +219,7 @@ def test_shared_prompt_path_under_kbit_gradient_checkpointing(tiny_model_dir):
         if not checkpointing:
             model.gradient_checkpointing_disable()
         for share in (True, False):
-            lp, _ = completion_logprobs(model, batch, share_prompts=share)
+            lp = completion_logprobs(model, batch, share_prompts=share).logprobs
             model.zero_grad()
             (-(lp * batch.completion_mask).sum()).backward()  # reentrant checkpoints: no .grad()
             kept = lp.detach()[batch.completion_mask.bool()]  # padding columns are no tokens
@@ -234,7 +233,8 @@ def test_shared_prompt_path_under_kbit_gradient_checkpointing(tiny_model_dir):
 
 
 def test_folded_adapter_gives_the_same_logits_and_leaves_the_adapter_alone(tiny_model_dir):
-    from coderl.models import add_adapter, load_model
+    from coderl.adapters import add_adapter
+    from coderl.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir)
@@ -275,10 +275,10 @@ class ScriptedSource:
         self.groups = list(groups)
         self.calls = []
 
-    def __call__(self, count, round_index):
+    def __call__(self, count, round_index, keep):
         self.calls.append((count, round_index))
         out, self.groups = self.groups[:count], self.groups[count:]
-        return out
+        return out[:keep]
 
 
 MIXED, FLAT = [1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]
@@ -389,7 +389,7 @@ def test_bad_values_are_one_line_errors_with_exit_2(argv, message, capsys, tmp_p
 # The runs below share one budget: the SFT'd tiny model samples at temperature 0.6 (its greedy
 # output is one repeated line, at 1.0 nearly everything is a syntax error), and the shaped reward
 # (-0.5 error, +0.2 runs but fails, +1 pass, + style bonuses) gives its groups unequal rewards.
-SHAPED = ["--reward", "shaped", "--temperature", "0.6", "--num_prompts", "8",
+SHAPED = ["--reward", "shaped", "--temperature", "0.6", "--batch_size", "8",
           "--num_generations", "4", "--max_new_tokens", "32"]  # fmt: skip
 
 
@@ -462,7 +462,7 @@ def runs(tmp_path_factory, tiny_model_dir, sft_adapter_dir, toy_data_dir):
         ),
         "cpp": grpo_args(
             out, "cpp", toy_data_dir / "toy_cpp_train.jsonl", "--model", tiny_model_dir,
-            "--max_steps", "1", "--num_prompts", "2", "--num_generations", "2",
+            "--max_steps", "1", "--batch_size", "2", "--num_generations", "2",
             "--max_new_tokens", "12", "--zero_std", "resample", "--max_resample_rounds", "1",
             "--eval_file", str(toy_data_dir / "toy_cpp_test.jsonl"), "--eval_tasks", "2",
             "--eval_max_new_tokens", "12",

@@ -8,21 +8,22 @@ import shutil
 import pytest
 import torch
 
+from coderl.adapters import add_adapter, save_adapter
 from coderl.errors import UserError
 from coderl.models import (
     BASE_FINGERPRINT_FILE,
-    add_adapter,
-    chat_end_of_turn_id,
-    completion_end_id,
     count_parameters,
     describe_model,
-    encode_prompt,
-    encode_prompt_and_completion,
     load_model,
     load_tokenizer,
     quantized_compute_dtype,
     resolve_dtype,
-    save_adapter,
+)
+from coderl.prompts import (
+    chat_end_of_turn_id,
+    completion_end_id,
+    encode_prompt,
+    encode_prompt_and_completion,
 )
 from tests.helpers import correlation
 

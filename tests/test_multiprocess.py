@@ -1,5 +1,5 @@
-"""Several processes under ``accelerate launch``: SFT and REINFORCE each run two optimizer steps as
-two CPU processes (DDP over gloo) and end with the same adapter in both, one that moved; the
+"""Several processes under ``accelerate launch``: SFT, REINFORCE, PPO and GRPO each run two optimizer
+steps as two CPU processes (gloo) and end with the same adapter in both, one that moved; the
 replica check behind that claim does see a replica that drifted; the warning for a one-process
 ``--cpu`` launch; the accelerate config files under ``configs/accelerate/`` load.
 
@@ -27,7 +27,8 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from coderl.training import warn_if_launched_as_one_cpu_process  # noqa: E402
+from coderl.run import warn_if_launched_as_one_cpu_process  # noqa: E402
+from coderl.value_model import VALUE_HEAD_FILE  # noqa: E402
 from tests.helpers import (  # noqa: E402
     REPO,
     RunLogs,
@@ -79,6 +80,9 @@ def assert_two_identical_replicas(checkpoint: Path) -> None:
     first, second = replicas["checksums"]
     assert first == second
     saved = sum(t.double().sum().item() for t in adapter_tensors(checkpoint).values())
+    head = checkpoint / VALUE_HEAD_FILE  # PPO's value head is trained (and checked) too
+    if head.is_file():
+        saved += sum(t.double().sum().item() for t in torch.load(head).values())
     assert second == pytest.approx(saved, rel=1e-9, abs=1e-9)
 
 
@@ -139,12 +143,21 @@ def test_sft_two_processes_train_one_adapter(sft_two_processes):
     assert all(not torch.equal(t, after_one[k]) for k, t in final.items())
 
 
+RL_OPTIONS = {
+    "reinforce": ["--baseline", "rloo"],
+    "ppo": ["--num_minibatches", "2", "--ppo_epochs", "1", "--kl_reference", "init"],
+    "grpo": ["--zero_std", "resample", "--max_resample_rounds", "1"],
+}
+
+
 @pytest.mark.slow
-def test_reinforce_two_processes_train_one_adapter(
-    sft_two_processes, tiny_model_dir, toy_data_dir, tmp_path
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo", "grpo"])
+def test_rl_two_processes_train_one_adapter(
+    algorithm, sft_two_processes, tiny_model_dir, toy_data_dir, tmp_path
 ):
-    """train_rl_lora.py from the SFT adapter, 2 steps, one prompt x 2 samples per process, two
-    micro-batches each (the first without gradient sync), through ``--multi_gpu`` flags."""
+    """Each RL trainer from the SFT adapter, 2 steps, one prompt x 2 samples per process, two
+    micro-batches each, through ``--multi_gpu`` flags: --batch_size is the global count, the
+    logged samples are both processes', and both end with the same adapter, which moved."""
     assert sft_two_processes.proc.returncode == 0, "the SFT run above failed"
     init = sft_two_processes.output_dir / "final"
     args = [
@@ -162,14 +175,18 @@ def test_reinforce_two_processes_train_one_adapter(
         "--micro_batch_size", "1",
         "--max_new_tokens", "16",
         "--learning_rate", "1e-2",
-        "--length_alpha", "1.0",  # rewards nonzero even when every sample fails
+        "--length_alpha", "1.0",  # rewards nonzero and unequal even when every sample fails
         "--sandbox_workers", "1",
         "--save_every", "1",
         "--keep_last", "5",
+        *RL_OPTIONS[algorithm],
     ]  # fmt: skip
     flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     flags += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    proc = accelerate_launch(flags, REPO / "train_rl_lora.py", args, tmp_path)
+    script = {"reinforce": "train_rl_lora.py", "ppo": "train_ppo_lora.py"}.get(
+        algorithm, "train_grpo_lora.py"
+    )
+    proc = accelerate_launch(flags, REPO / script, args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     logs = read_run(tmp_path, "rl")
@@ -177,12 +194,14 @@ def test_reinforce_two_processes_train_one_adapter(
     assert config["computed"]["num_processes"] == 2
     assert config["computed"]["prompts_per_process"] == 1
     assert [m["step"] for m in logs.metrics] == [1, 2]
-    # The logged samples are gathered from both processes: two prompts, two samples each.
+    # The logged samples are gathered from both processes: two prompts, two samples each (GRPO's
+    # resampling may draw more).
     rows = logs.samples
     for step in (1, 2):
         at_step = [r for r in rows if r["step"] == step]
-        assert len(at_step) == 4 and len({r["task_id"] for r in at_step}) == 2
-        assert all(r["reward"] != 0 for r in at_step)
+        assert len(at_step) >= 4 and len({r["task_id"] for r in at_step}) >= 2
+        if algorithm != "grpo":  # (GRPO's resampled prompts may hold an empty completion)
+            assert all(r["reward"] != 0 for r in at_step)
 
     for checkpoint in ("checkpoint-1", "checkpoint-2", "final"):
         assert_two_identical_replicas(tmp_path / "rl" / checkpoint)
@@ -196,7 +215,7 @@ REPLICA_PROBE = """
 import json
 import torch
 from accelerate import Accelerator
-from coderl.training import replica_agreement
+from coderl.run import replica_agreement
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
@@ -243,7 +262,7 @@ def test_replica_check_sees_a_replica_that_drifted(tmp_path):
 def test_replica_check_is_off_without_ddp():
     from accelerate import Accelerator
 
-    from coderl.training import replica_agreement
+    from coderl.run import replica_agreement
 
     assert replica_agreement(Accelerator(cpu=True), torch.nn.Linear(2, 2)) is None
 

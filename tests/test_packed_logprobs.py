@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from coderl import logprobs as lp
-from coderl.models import add_adapter
+from coderl.adapters import add_adapter
 from tests.helpers import (
-    full_vocab_completion_logprobs,
+    full_vocab_logprobs_of_batch,
     move_lora_b_off_zero,
     record_packed_layouts,
 )
@@ -95,7 +95,9 @@ def assert_same_as_reference(model, prompts, completions, share_prompts, share_p
         padding_free=True,
         share_prefix=share_prefix,
     )
-    want = full_vocab_completion_logprobs(model, prompts, completions, 0, temperature)
+    want = full_vocab_logprobs_of_batch(
+        model, batch, temperature, with_entropy=True, entropy_grad=True, with_hidden=True
+    )
     mask = batch.completion_mask.bool()
     # Log-probs are differences of logits of size ~10-30: float32 rounds those at a few 1e-6,
     # so a few 1e-5 absolute on the result.

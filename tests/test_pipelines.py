@@ -173,8 +173,8 @@ def test_stages_train_on_their_splits_with_the_config_and_overrides(pipelines):
     assert sft["train_file"].endswith("data/toy_python_train.jsonl")
     assert sft["max_steps"] == 3  # SFT_MAX_STEPS wins over the config
     assert_config_applied(sft, tiny_config("sft"), {"max_steps"})
-    for run, prompts_option in (("reinforce", "batch_size"), ("ppo", "batch_size"),
-                                ("grpo", "num_prompts")):  # fmt: skip
+    for run in ("reinforce", "ppo", "grpo"):
+        prompts_option = "batch_size"  # prompts per step over all processes, in every trainer
         args = train_args(out, run)
         assert args["train_file"].endswith("data/toy_python_rl.jsonl")
         assert args["init_adapter"] == str(out / "checkpoints" / "sft" / "final")

@@ -128,7 +128,7 @@ def test_sharded_launches_are_refused_with_one_line(kind):
     from accelerate.utils import DistributedType
 
     from coderl.errors import UserError
-    from coderl.training import refuse_sharded_training
+    from coderl.run import refuse_sharded_training
 
     fake = type("FakeAccelerator", (), {"distributed_type": getattr(DistributedType, kind)})
     with pytest.raises(UserError, match=f"^{kind} is not supported"):

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 import train_ppo_lora as ppo
+from coderl.logprobs import pack_rows
 from coderl.models import disable_dropout, load_model
 from coderl.rewards import RewardArgs
-from coderl.training import Rollout, build_optimizer, count_trainable, load_policy, pack_sequences
+from coderl.rollouts import Rollout
+from coderl.training import build_optimizer, count_trainable, load_policy
+from coderl.value_model import VALUE_HEAD_FILE
 from tests.helpers import (
     adapter_tensors,
-    full_vocab_logprobs,
+    full_vocab_logprobs_of_batch,
     read_run,
     run_script,
     write_toy_tasks,
@@ -208,7 +210,7 @@ SEQUENCE = "sequence"
 
 def tiny_policy(model_dir, variant=TOKEN, adapter="lora", quantization="none", dropout=0.0):
     """The script's policy (+ value head for the token variant) on a tiny model, fresh adapter."""
-    args = ppo.PPOModelArgs(
+    args = ppo.RLModelArgs(
         model=str(model_dir), quantization=quantization, adapter=adapter, lora_dropout=dropout
     )
     policy, tokenizer = load_policy(args)
@@ -264,15 +266,15 @@ def test_first_update_at_ratio_one_has_the_policy_gradient(tiny_model_dir, varia
     model, tokenizer = tiny_policy(tiny_model_dir, variant)
     randomize_adapter(model)
     args = ppo.PPOArgs(variant=variant, num_minibatches=1, ppo_epochs=1, vf_coef=0.0, ent_coef=0.0)
-    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, "cpu")
+    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, 1.0, "cpu")
     rows = torch.arange(batch.size)
-    loss, _, log_ratio = ppo.minibatch_loss(model, batch, rows, args)
+    loss, _, log_ratio = ppo.minibatch_loss(model, batch, rows, args, 1.0)
     # Old log-probs were recomputed in the update's own mode: the ratio is 1 before any step.
     assert log_ratio.abs().max().item() < 1e-5
     params = adapter_parameters(model)
     ppo_grads = torch.autograd.grad(loss, params)
 
-    logprobs, _, _ = model(batch.input_ids, batch.attention_mask)
+    logprobs, _, _ = model(batch.rows)
     if variant == TOKEN:  # REINFORCE on every completion token with the same advantages
         reinforce = -ppo.masked_mean(batch.advantages * logprobs, batch.mask)
     else:  # the seed's REINFORCE: -A * log p(completion)
@@ -296,8 +298,8 @@ def test_infra_errors_and_empty_completions_change_nothing(tiny_model_dir, varia
     empty.completion_ids, empty.reward = [], 0.5
     losses = []
     for rollouts in (clean, [infra, *clean[:3], empty, *clean[3:]]):
-        batch, _ = ppo.make_batch(model, rollouts, tokenizer.pad_token_id, args, "cpu")
-        loss, _, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args)
+        batch, _ = ppo.make_batch(model, rollouts, tokenizer.pad_token_id, args, 1.0, "cpu")
+        loss, _, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args, 1.0)
         losses.append(loss.item())
     assert batch.sample_mask.tolist() == [0, 1, 1, 1, 0, 1, 1, 1]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -314,7 +316,7 @@ def test_one_update_moves_adapter_and_value_head_not_the_base(
     if adapter_params is not None:
         assert count_trainable(model.policy) == adapter_params
     head = list(model.value_head.parameters())
-    groups = ppo.optimizer_groups(model, ppo.PPOArgs(), lr=1e-2)
+    groups = model.parameter_groups(1e-2)
     optimizer, _ = build_optimizer(groups, PPOTrainArgs(output_dir="x", learning_rate=1e-2))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     # The VeriGenLLM seed's value head was not in the optimizer: it never learned.
@@ -326,8 +328,8 @@ def test_one_update_moves_adapter_and_value_head_not_the_base(
     before_head = [p.detach().clone() for p in head]
     before_base = frozen_snapshot(model)
     args = ppo.PPOArgs(ppo_epochs=2, num_minibatches=2)
-    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, "cpu")
-    stats = ppo.ppo_update(model, optimizer, batch, args, 0.5, Accelerator(cpu=True), seed=0)
+    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, 1.0, "cpu")
+    stats = ppo.ppo_update(model, optimizer, batch, args, 1.0, 0.5, seed=0)
     assert stats["train/updates"] == 4
     assert any(not torch.equal(a, p) for a, p in zip(before_head, head, strict=True))
     assert any(
@@ -339,34 +341,32 @@ def test_one_update_moves_adapter_and_value_head_not_the_base(
     assert all(torch.equal(before_base[n], after_base[n]) for n in before_base)
 
 
-def reference_forward(self, input_ids, attention_mask, temperature=1.0, mask=None):
+def reference_forward(self, batch, temperature=1.0):
     """``PolicyWithValue.forward`` as the full-vocabulary computation (every position)."""
-    if self.value_head is None:
-        logprobs, entropy = full_vocab_logprobs(self.policy, input_ids, attention_mask, temperature)
-        return logprobs, entropy, None
-    logprobs, entropy, hidden = full_vocab_logprobs(
-        self.policy, input_ids, attention_mask, temperature, hidden=True
+    out = full_vocab_logprobs_of_batch(
+        self.policy, batch, temperature, True, True, self.value_head is not None
     )
-    return logprobs, entropy, self.value_head(hidden[:, :-1])
+    values = self.value_head(out.hidden) if self.value_head is not None else None
+    return out.logprobs, out.entropy, values
 
 
 @torch.no_grad()
-def reference_reference_logprobs(self, input_ids, attention_mask, temperature=1.0, mask=None):
-    """``PolicyWithValue.reference_logprobs`` as the full-vocabulary computation."""
+def reference_reference_logprobs(self, batch, temperature=1.0):
+    """``PolicyWithValue.reference_logprobs`` (base) as the full-vocabulary computation."""
     with self.policy.disable_adapter():
-        return full_vocab_logprobs(self.policy, input_ids, attention_mask, temperature)[0]
+        return full_vocab_logprobs_of_batch(self.policy, batch, temperature).logprobs
 
 
-def one_ppo_iteration(model, rollouts, pad_id, args):
+def one_ppo_iteration(model, rollouts, pad_id, args, temperature):
     """Batch, first-minibatch loss and gradients, and the parameter moves of a whole update
     (SGD); the parameters are put back afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
-    batch, batch_metrics = ppo.make_batch(model, rollouts, pad_id, args, "cpu")
-    loss, stats, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args)
+    batch, batch_metrics = ppo.make_batch(model, rollouts, pad_id, args, temperature, "cpu")
+    loss, stats, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args, temperature)
     grads = torch.autograd.grad(loss, params)
-    optimizer = torch.optim.SGD(ppo.optimizer_groups(model, args, 0.1), lr=0.1)
-    metrics = ppo.ppo_update(model, optimizer, batch, args, 0.0, Accelerator(cpu=True), seed=0)
+    optimizer = torch.optim.SGD(model.parameter_groups(0.1, args.value_learning_rate), lr=0.1)
+    metrics = ppo.ppo_update(model, optimizer, batch, args, temperature, 0.0, seed=0)
     moved = [a - p.detach() for a, p in zip(start, params, strict=True)]
     with torch.no_grad():
         for p, a in zip(params, start, strict=True):
@@ -381,6 +381,7 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, variant, monke
     gradients and the parameters after two epochs of minibatch steps, at a sampling temperature,
     with an infra_error row and an empty completion in the batch."""
     model, tokenizer = tiny_policy(tiny_model_dir, variant)
+    model.share_prompts = False  # one pass per row, as the reference: this compares the head
     randomize_adapter(model)
     if model.value_head is not None:
         with torch.no_grad():
@@ -396,17 +397,16 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, variant, monke
         variant=variant,
         num_minibatches=2,
         ppo_epochs=2,
-        temperature=0.7,
         kl_coef=0.2,
         ent_coef=0.01,
         vf_coef=0.5,
     )
     pad = tokenizer.pad_token_id
-    batch, metrics, grads, moved = one_ppo_iteration(model, rollouts, pad, args)
+    batch, metrics, grads, moved = one_ppo_iteration(model, rollouts, pad, args, 0.7)
     monkeypatch.setattr(ppo.PolicyWithValue, "forward", reference_forward)
     monkeypatch.setattr(ppo.PolicyWithValue, "reference_logprobs", reference_reference_logprobs)
     expected_batch, expected, expected_grads, expected_moved = one_ppo_iteration(
-        model, rollouts, pad, args
+        model, rollouts, pad, args, 0.7
     )
 
     assert expected["train/updates"] == 4 and expected["train/kl_ref"] > 1e-4
@@ -435,11 +435,11 @@ def test_adapter_and_value_head_are_clipped_apart(tiny_model_dir):
     norms clips the larger group only and leaves the other exactly as it was."""
     model, tokenizer = tiny_policy(tiny_model_dir, TOKEN)
     randomize_adapter(model)
-    groups = ppo.optimizer_groups(model, ppo.PPOArgs(), lr=1e-2)
+    groups = model.parameter_groups(1e-2)
     optimizer = torch.optim.SGD(groups, lr=1e-2)
     args = ppo.PPOArgs()
-    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, "cpu")
-    loss, _, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args)
+    batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, 1.0, "cpu")
+    loss, _, _ = ppo.minibatch_loss(model, batch, torch.arange(batch.size), args, 1.0)
     loss.backward()
     raw = {g["name"]: [p.grad.clone() for p in g["params"]] for g in optimizer.param_groups}
     raw_norm = {name: float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
@@ -464,43 +464,44 @@ def test_target_kl_stops_the_updates_of_an_iteration(tiny_model_dir):
     counts = {}
     for target in (0.0, 1e-6):
         args = ppo.PPOArgs(variant=SEQUENCE, ppo_epochs=3, num_minibatches=2, target_kl=target)
-        batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, "cpu")
-        stats = ppo.ppo_update(model, optimizer, batch, args, 0.5, Accelerator(cpu=True), seed=0)
+        batch, _ = ppo.make_batch(model, fake_rollouts(), tokenizer.pad_token_id, args, 1.0, "cpu")
+        stats = ppo.ppo_update(model, optimizer, batch, args, 1.0, 0.5, seed=0)
         counts[target] = (stats["train/updates"], stats["train/early_stop"])
     # The first minibatch is at ratio 1 (KL 0): one step always happens.
     assert counts == {0.0: (6, 0.0), 1e-6: (1, 1.0)}
 
 
 def test_old_and_new_logprobs_share_one_dropout_mode(tiny_model_dir):
-    args = ppo.PPOModelArgs(model=str(tiny_model_dir), quantization="none", lora_dropout=0.5)
+    args = ppo.RLModelArgs(model=str(tiny_model_dir), quantization="none", lora_dropout=0.5)
     policy, tokenizer = load_policy(args)
     model = ppo.PolicyWithValue(policy, None)
     randomize_adapter(model)  # a fresh LoRA (B = 0) ignores its dropout
     model.train()
-    ids, att, _ = pack_sequences([[5, 6, 7, 8]], [[9, 10, 11]], tokenizer.pad_token_id)
+    batch = pack_rows([[5, 6, 7, 8]], [[9, 10, 11]], tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.no_grad():
-        a, b = model(ids, att)[0], model(ids, att)[0]
+        a, b = model(batch)[0], model(batch)[0]
     assert not torch.equal(a, b)  # dropout on: the mixed-mode bug would show as ratio != 1
     assert disable_dropout(model) > 0
     with torch.no_grad():
-        a, b = model(ids, att)[0], model(ids, att)[0]
+        a, b = model(batch)[0], model(batch)[0]
     assert torch.equal(a, b)
 
 
 def test_kl_reference_base_or_frozen_starting_adapter(tiny_model_dir):
     model, tokenizer = tiny_policy(tiny_model_dir, SEQUENCE)
     randomize_adapter(model, seed=1)
-    ids, att, mask = pack_sequences([[5, 6, 7, 8]], [[9, 10, 11]], tokenizer.pad_token_id)
+    batch = pack_rows([[5, 6, 7, 8]], [[9, 10, 11]], tokenizer.pad_token_id)
+    mask = batch.completion_mask
     with torch.no_grad():
-        start = model(ids, att)[0]
+        start = model(batch)[0]
         with model.policy.disable_adapter():
-            base = model(ids, att)[0]
-    torch.testing.assert_close(model.reference_logprobs(ids, att), base)  # --kl_reference base
+            base = model(batch)[0]
+    torch.testing.assert_close(model.reference_logprobs(batch), base)  # --kl_reference base
     model.keep_reference_weights()  # --kl_reference init
     randomize_adapter(model, seed=2)  # training moves the adapter...
     moved = [p.detach().clone() for p in adapter_parameters(model)]
-    torch.testing.assert_close(model.reference_logprobs(ids, att), start)  # ...not the reference
+    torch.testing.assert_close(model.reference_logprobs(batch), start)  # ...not the reference
     assert not torch.allclose(start * mask, base * mask)
     assert all(torch.equal(a, p) for a, p in zip(moved, adapter_parameters(model), strict=True))
 
@@ -511,7 +512,7 @@ def test_value_head_checkpoint_round_trip(tiny_model_dir, tmp_path):
         model.value_head.linear.weight.fill_(0.25)
         model.value_head.linear.bias.fill_(-1.5)
     model.save_pretrained(str(tmp_path))
-    assert (tmp_path / ppo.VALUE_HEAD_FILE).is_file()
+    assert (tmp_path / VALUE_HEAD_FILE).is_file()
     assert (tmp_path / "adapter_config.json").is_file()
     loaded = ppo.build_value_head(model.policy, tmp_path, "cpu")
     assert torch.equal(loaded.linear.weight, model.value_head.linear.weight)
@@ -527,7 +528,7 @@ def test_help_documents_every_option(capsys):
         ppo.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for args_type in (ppo.PPOModelArgs, ppo.PPOTrainArgs, ppo.PPOArgs, RewardArgs):
+    for args_type in (ppo.RLModelArgs, ppo.PPOTrainArgs, ppo.RolloutArgs, ppo.PPOArgs, RewardArgs):
         for f in dataclasses.fields(args_type):
             assert f"--{f.name}" in out, f.name
             assert f.metadata.get("help"), f"--{f.name} has no help"
@@ -666,15 +667,13 @@ def check_two_step_run(inputs: Inputs, name: str, variant: str, adapter_params: 
     if adapter_params is not None:
         assert computed["trainable_params_adapter"] == adapter_params
     if variant == TOKEN:
-        heads = [
-            torch.load(out / c / ppo.VALUE_HEAD_FILE) for c in ("checkpoint-1", "checkpoint-2")
-        ]
+        heads = [torch.load(out / c / VALUE_HEAD_FILE) for c in ("checkpoint-1", "checkpoint-2")]
         assert not torch.equal(heads[0]["linear.weight"], heads[1]["linear.weight"])
-        assert (out / "final" / ppo.VALUE_HEAD_FILE).is_file()
+        assert (out / "final" / VALUE_HEAD_FILE).is_file()
         hidden = json.loads((inputs.model / "config.json").read_text())["hidden_size"]
         assert computed["trainable_params_value_head"] == hidden + 1
     else:
-        assert not (out / "checkpoint-2" / ppo.VALUE_HEAD_FILE).exists()
+        assert not (out / "checkpoint-2" / VALUE_HEAD_FILE).exists()
         assert computed["trainable_params_value_head"] == 0
 
 
@@ -751,7 +750,7 @@ def test_resume_equals_an_uninterrupted_run(inputs, script_runs):
     a, b = (adapter_tensors(d / "final") for d in (resumed, straight))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-    heads = [torch.load(d / "final" / ppo.VALUE_HEAD_FILE) for d in (resumed, straight)]
+    heads = [torch.load(d / "final" / VALUE_HEAD_FILE) for d in (resumed, straight)]
     for key in heads[0]:
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-5, atol=1e-7)
 

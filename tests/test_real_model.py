@@ -17,9 +17,10 @@ import torch
 
 import prepare_model
 from coderl.generation import SamplingConfig, decode, end_token_ids, generate
-from coderl.models import chat_end_of_turn_id, completion_end_id, load_model
+from coderl.models import load_model
+from coderl.prompts import chat_end_of_turn_id, completion_end_id
+from coderl.rollouts import action_ids
 from coderl.tasks import load_tasks
-from coderl.training import action_ids
 from tests.helpers import (
     adapter_tensors,
     correlation,
@@ -182,7 +183,7 @@ RL_SHAPE = ["--num_generations", "2", "--max_new_tokens", "12", "--sandbox_worke
                        "--length_alpha", "1.0", *RL_SHAPE]),
         ("ppo", ["--quantization", "none", "--batch_size", "2", "--length_alpha", "1.0",
                  "--ppo_epochs", "1", "--num_minibatches", "1", *RL_SHAPE]),
-        ("grpo", ["--quantization", "none", "--adapter", "tinylora", "--num_prompts", "2",
+        ("grpo", ["--quantization", "none", "--adapter", "tinylora", "--batch_size", "2",
                   "--reward", "shaped", "--learning_rate", "1e-2", *RL_SHAPE]),
     ],
 )  # fmt: skip

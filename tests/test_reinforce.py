@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import train_rl_lora as rl
-from coderl.models import add_adapter, load_model
+from coderl.adapters import add_adapter
+from coderl.models import disable_dropout, load_model
+from coderl.rollouts import Rollout, prompt_token_ids
 from coderl.tasks import load_tasks, write_jsonl
-from coderl.training import Rollout, prompt_token_ids
 from tests.helpers import (
     REPO,
     RunLogs,
     adapter_tensors,
-    fake_run,
-    full_vocab_logprobs,
+    full_vocab_logprobs_of_batch,
     move_lora_b_off_zero,
     read_run,
     run_script,
@@ -184,7 +184,7 @@ def test_kl_k1_is_a_score_function_penalty():
 
 
 def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
-    from coderl.generation import render_prompt
+    from coderl.prompts import render_prompt
 
     rows = []
     for i, (task, text, keep) in enumerate(zip(tasks, completions, masks)):
@@ -198,16 +198,31 @@ def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
     return rows
 
 
+def update_options(
+    micro_batch_size=2, temperature=1.0, max_grad_norm=0.0, share_prompt_forward=True, **rl_options
+):
+    """The options ``rl.policy_update`` reads, as parsed from a command line."""
+    rollout = rl.RolloutArgs(
+        micro_batch_size=micro_batch_size,
+        temperature=temperature,
+        share_prompt_forward=share_prompt_forward,
+    )
+    return rl.Options(
+        rl.RLModelArgs(),
+        rl.TrainArgs(output_dir="x", max_grad_norm=max_grad_norm),
+        rollout,
+        rl.ReinforceArgs(**rl_options),
+        rl.RewardArgs(),
+    )
+
+
 def step_gradients(model, tokenizer, rollouts, advantages, aggregation="sum", **options):
     """Gradients of the trainable parameters after one policy_update with SGD(lr=1)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     optimizer = torch.optim.SGD(params.values(), lr=1.0)
-    args = rl.ReinforceArgs(micro_batch_size=2, token_aggregation=aggregation, **options)
-    train_args = rl.RLTrainArgs(output_dir="x", max_grad_norm=0.0)
-    stats = rl.policy_update(
-        fake_run(), model, optimizer, rollouts, advantages, args, train_args, 0
-    )
+    opts = update_options(token_aggregation=aggregation, **options)
+    stats = rl.policy_update(model, optimizer, rollouts, advantages, opts, 0)
     moved = {n: before[n] - p.detach() for n, p in params.items()}  # = lr * grad
     with torch.no_grad():
         for name, param in params.items():
@@ -220,7 +235,7 @@ def test_rollouts_train_the_end_token_that_was_sampled(tiny_model_dir, toy_data_
     ids a rollout trains on are the sampled ids, that very end token included."""
     from coderl.generation import SamplingConfig
     from coderl.rewards import RewardArgs
-    from coderl.training import collect_rollouts
+    from coderl.rollouts import collect_rollouts
     from sandbox import Sandbox
 
     model, tokenizer = load_model(tiny_model_dir)
@@ -276,33 +291,14 @@ def test_update_moves_the_adapter_and_never_the_base(tiny_model_dir, toy_data_di
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
     rollouts = fake_rollouts(tokenizer, tasks, ["    return x\n", "    return xs\n"], [True, True])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    args = rl.ReinforceArgs(micro_batch_size=1, kl_coef=0.1)
-    train_args = rl.RLTrainArgs(output_dir="x")
-    stats = rl.policy_update(
-        fake_run(), model, optimizer, rollouts, torch.tensor([1.0, -0.5]), args, train_args, 0
-    )
+    opts = update_options(micro_batch_size=1, max_grad_norm=1.0, kl_coef=0.1)
+    stats = rl.policy_update(model, optimizer, rollouts, torch.tensor([1.0, -0.5]), opts, 0)
     assert stats.kl >= 0 and stats.entropy > 0 and stats.grad_norm > 0
     after = dict(model.named_parameters())
     for name, value in frozen.items():
         assert torch.equal(after[name].detach(), value), name
     for name, value in adapter.items():
         assert not torch.equal(after[name].detach(), value), name
-
-
-def test_sampling_logprobs_are_the_tempered_policy_shifted_before_gathering(tiny_model_dir):
-    from coderl.training import token_logprobs
-
-    model, _ = load_model(tiny_model_dir)
-    ids = torch.tensor([[1, 5, 9, 14, 3, 7], [1, 8, 2, 2, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    with torch.no_grad():
-        assert torch.equal(rl.sampling_logprobs(model, ids, mask), token_logprobs(model, ids, mask))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logprobs, entropy = rl.sampling_logprobs(model, ids, mask, 0.5, return_entropy=True)
-    # Position t-1 holds log p(x_t | x_<t) at temperature 0.5, i.e. softmax(2 * logits).
-    by_hand = torch.log_softmax(2 * logits[0, 2], -1)
-    assert logprobs[0, 2].item() == pytest.approx(by_hand[14].item(), abs=1e-5)
-    assert entropy[0, 2].item() == pytest.approx(-(by_hand.exp() * by_hand).sum().item(), abs=1e-5)
 
 
 def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
@@ -314,19 +310,15 @@ def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
     tasks = load_tasks(toy_data_dir / "toy_python_train.jsonl")[:2]
     rollouts = fake_rollouts(tokenizer, tasks, ["    return x\n", "    return 1\n"], [True, True])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    args = rl.ReinforceArgs(kl_coef=1.0, kl_estimator="k3")
-    stats = rl.policy_update(
-        fake_run(), model, optimizer, rollouts, torch.zeros(2), args, rl.RLTrainArgs(), 0
-    )
+    opts = update_options(kl_coef=1.0, kl_estimator="k3")
+    stats = rl.policy_update(model, optimizer, rollouts, torch.zeros(2), opts, 0)
     assert stats.kl == pytest.approx(0.0, abs=1e-7) and stats.loss == pytest.approx(0.0, abs=1e-7)
 
 
-def reference_sampling_logprobs(
-    model, input_ids, attention_mask, temperature=1.0, return_entropy=False, completion_mask=None
-):
-    """``rl.sampling_logprobs`` as the full-vocabulary computation (every position)."""
-    logprobs, entropy = full_vocab_logprobs(model, input_ids, attention_mask, temperature)
-    return (logprobs, entropy) if return_entropy else logprobs
+def reference_logprobs(model, batch, temperature=1.0, share_prompts=True):
+    """``coderl.logprobs.reference_logprobs`` through the full-vocabulary reference."""
+    with torch.no_grad(), model.disable_adapter():
+        return full_vocab_logprobs_of_batch(model, batch, temperature).logprobs
 
 
 def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, monkeypatch):
@@ -340,9 +332,12 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, 
     rollouts = fake_rollouts(tokenizer, tasks, texts, [True, False, True])
     assert len({len(r.prompt_ids) for r in rollouts}) == 3
     advantages = torch.tensor([0.5, 3.0, -1.25])
-    options = dict(kl_coef=0.3, temperature=0.7)
+    # One pass per row on both sides: this compares the output head and log-softmax alone (the
+    # shared prompt pass is compared in tests/test_logprobs.py).
+    options = dict(kl_coef=0.3, temperature=0.7, share_prompt_forward=False)
     moved, stats = step_gradients(model, tokenizer, rollouts, advantages, **options)
-    monkeypatch.setattr(rl, "sampling_logprobs", reference_sampling_logprobs)
+    monkeypatch.setattr(rl, "completion_logprobs", full_vocab_logprobs_of_batch)
+    monkeypatch.setattr(rl, "reference_logprobs", reference_logprobs)
     expected_moved, expected = step_gradients(model, tokenizer, rollouts, advantages, **options)
 
     assert expected.kl > 1e-4 and expected.grad_norm > 1e-4
@@ -556,7 +551,7 @@ def pretrain_on_solutions(model_dir: str, tasks: list[dict], out: Path, steps: i
     """
     import random
 
-    from coderl.models import encode_prompt_and_completion
+    from coderl.prompts import encode_prompt_and_completion
 
     torch.manual_seed(0)
     model, tokenizer = load_model(model_dir)
@@ -603,7 +598,7 @@ def pass_rates(model, tokenizer, tasks: list[dict]) -> tuple[float, float]:
     """(mean reward of 16 samples per task at temperature 1, greedy pass@1) on ``tasks``."""
     from coderl.generation import SamplingConfig
     from coderl.rewards import RewardArgs
-    from coderl.training import collect_rollouts
+    from coderl.rollouts import collect_rollouts
     from sandbox import Sandbox
 
     rates = []
@@ -662,5 +657,5 @@ def test_lora_dropout_of_a_loaded_adapter_is_set_so_train_mode_is_the_sampling_p
         model.train()
         torch.manual_seed(0)
         assert not torch.equal(model(input_ids=ids).logits, sampling)  # dropout 0.5 is active
-        assert rl.set_lora_dropout(model, 0.0) > 0
+        assert disable_dropout(model) > 0  # what the RL loop does to every policy it loads
         assert torch.equal(model(input_ids=ids).logits, sampling)

@@ -34,9 +34,9 @@ from coderl.checkpoint import (
     save_checkpoint,
 )
 from coderl.errors import UserError
+from coderl.run import FIXED_ON_RESUME, check_resume_settings, parse_allow_changed
 from coderl.runlog import cut_logs
 from coderl.tasks import load_tasks, write_jsonl
-from coderl.training import FIXED_ON_RESUME, check_resume_settings, parse_allow_changed
 from tests.helpers import REPO, script_env
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
@@ -86,7 +86,7 @@ def trainer_args(kind: str, tiny_model_dir: str, files: SimpleNamespace, root: P
         ],
         # From the SFT adapter: the random model's groups all score alike and GRPO would not move.
         "grpo": [
-            *rl, "--init_adapter", str(files.sft_adapter), "--num_prompts", "2",
+            *rl, "--init_adapter", str(files.sft_adapter), "--batch_size", "2",
             "--num_generations", "4", "--max_new_tokens", "24", "--learning_rate", "5e-3",
             "--reward", "shaped", "--temperature", "0.8",
         ],
@@ -364,7 +364,7 @@ CHANGES = [
     ("reinforce", "--temperature", "0.5", "--temperature 1.0 -> 0.5"),
     ("sft", "--per_device_train_batch_size", "8", "--per_device_train_batch_size 4 -> 8"),
     ("ppo", "--gamma", "0.9", "--gamma 1.0 -> 0.9"),
-    ("grpo", "--num_prompts", "3", "--num_prompts 2 -> 3"),
+    ("grpo", "--batch_size", "3", "--batch_size 2 -> 3"),
 ]
 
 
@@ -433,7 +433,7 @@ def test_an_allowed_change_is_used_and_recorded(runs, tmp_path):
     changed = config["computed"]["resumed"]["changed"]
     assert changed == {"learning_rate": {"checkpoint": 0.01, "now": 0.02}}
     meta = json.loads((tmp_path / "a" / "checkpoint-4" / "meta.json").read_text())
-    assert meta["args"]["RLTrainArgs"]["learning_rate"] == 0.02
+    assert meta["args"]["TrainArgs"]["learning_rate"] == 0.02
 
 
 # --------------------------------------------------------------------------- units

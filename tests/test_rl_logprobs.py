@@ -1,17 +1,19 @@
-"""The RL scripts' log-probs on the real model (SmolLM2-135M-Instruct, fp32): normalised on the
-completion positions only, they are the full-vocabulary numbers. The tiny model's vocabulary of
-1024 cannot show the 49152 of a real one (a wider row, another matrix-product blocking)."""
+"""The trainers' log-probs on the real model (SmolLM2-135M-Instruct, fp32): the one log-prob function
+(``coderl.logprobs.completion_logprobs``, the head and the log-softmax on completion positions
+only) gives the full-vocabulary numbers, for the policy, PPO's policy with a value head and the
+reference. The tiny model's vocabulary of 2048 cannot show the 49152 of a real one (a wider row,
+another matrix-product blocking)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import train_ppo_lora as ppo
-import train_rl_lora as rl
-from coderl.models import add_adapter, load_model
-from coderl.training import pack_sequences
-from tests.helpers import full_vocab_logprobs, move_lora_b_off_zero
+from coderl.adapters import add_adapter
+from coderl.logprobs import completion_logprobs, pack_rows
+from coderl.models import load_model
+from coderl.value_model import PolicyWithValue, ValueHead
+from tests.helpers import full_vocab_logprobs_of_batch, move_lora_b_off_zero
 
 PROMPTS = ["def add(a, b):\n", "# Return the largest item of a list.\ndef largest(xs):\n"]
 COMPLETIONS = [
@@ -32,9 +34,9 @@ def policy(real_model_dir):
 
 
 def packed_rows(tokenizer):
-    """Two right-padded rows whose prompts and completions differ in length."""
+    """Two rows whose prompts and completions differ in length."""
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    return pack_sequences(
+    return pack_rows(
         [encode(p) for p in PROMPTS], [encode(c) for c in COMPLETIONS], tokenizer.pad_token_id
     )
 
@@ -48,27 +50,40 @@ def assert_on_mask(value, reference, mask):
 
 def test_completion_logprobs_are_the_full_vocabulary_ones(policy):
     model, tokenizer = policy
-    ids, att, mask = packed_rows(tokenizer)
+    batch = packed_rows(tokenizer)
+    mask = batch.completion_mask
     assert mask.sum(1).tolist()[0] != mask.sum(1).tolist()[1]
     assert model.config.vocab_size > 40_000
-    head = ppo.ValueHead(model.config.hidden_size)
+    head = ValueHead(model.config.hidden_size)
     with torch.no_grad():
         head.linear.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
-        logprobs, entropy = rl.sampling_logprobs(
-            model, ids, att, TEMPERATURE, return_entropy=True, completion_mask=mask
-        )
-        ref_logprobs, ref_entropy, hidden = full_vocab_logprobs(
-            model, ids, att, TEMPERATURE, hidden=True
-        )
-        with_value = ppo.PolicyWithValue(model, head)
-        ppo_logprobs, ppo_entropy, values = with_value(ids, att, TEMPERATURE, mask=mask)
-        base = with_value.reference_logprobs(ids, att, TEMPERATURE, mask=mask)
+        # One pass per row on both sides: what differs is the head and the log-softmax.
+        out = completion_logprobs(model, batch, TEMPERATURE, True, share_prompts=False)
+        reference = full_vocab_logprobs_of_batch(model, batch, TEMPERATURE, True, False, True)
+        with_value = PolicyWithValue(model, head, share_prompts=False)
+        ppo_logprobs, ppo_entropy, values = with_value(batch, TEMPERATURE)
+        base = with_value.reference_logprobs(batch, TEMPERATURE)
         with model.disable_adapter():
-            ref_base, _ = full_vocab_logprobs(model, ids, att, TEMPERATURE)
-    assert_on_mask(logprobs, ref_logprobs, mask)  # REINFORCE
-    assert_on_mask(entropy, ref_entropy, mask)
-    assert_on_mask(ppo_logprobs, ref_logprobs, mask)  # PPO
-    assert_on_mask(ppo_entropy, ref_entropy, mask)
+            ref_base = full_vocab_logprobs_of_batch(model, batch, TEMPERATURE).logprobs
+    assert_on_mask(out.logprobs, reference.logprobs, mask)  # REINFORCE, GRPO
+    assert_on_mask(out.entropy, reference.entropy, mask)
+    assert_on_mask(ppo_logprobs, reference.logprobs, mask)  # PPO
+    assert_on_mask(ppo_entropy, reference.entropy, mask)
     assert_on_mask(base, ref_base, mask)
-    assert not torch.allclose(ref_base * mask, ref_logprobs * mask)  # the adapter does matter
-    torch.testing.assert_close(values, head(hidden[:, :-1]), rtol=0, atol=0)  # every position
+    assert not torch.allclose(ref_base * mask, reference.logprobs * mask)  # the adapter matters
+    torch.testing.assert_close(values, head(reference.hidden), rtol=0, atol=0)  # every column
+
+
+def test_shared_prompt_pass_gives_the_same_numbers(policy):
+    """Two rows continuing one prompt: the prompt runs once and both rows attend to its cached
+    keys/values; the log-probs are those of one pass per row (fp32 rounding)."""
+    model, tokenizer = policy
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    batch = pack_rows(
+        [encode(PROMPTS[1])] * 2, [encode(c) for c in COMPLETIONS], tokenizer.pad_token_id
+    )
+    assert batch.prompt_ids.shape[0] == 1
+    with torch.no_grad():
+        shared = completion_logprobs(model, batch, TEMPERATURE, share_prompts=True).logprobs
+        joint = completion_logprobs(model, batch, TEMPERATURE, share_prompts=False).logprobs
+    assert_on_mask(shared, joint, batch.completion_mask)

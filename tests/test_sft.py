@@ -14,11 +14,13 @@ import torch
 
 import train_sft_lora as sft
 from coderl import sft_data
-from coderl.generation import completion_for_sandbox, render_prompt
-from coderl.models import add_adapter, encode_prompt, load_model, load_tokenizer
+from coderl.adapters import add_adapter
+from coderl.models import load_model, load_tokenizer
+from coderl.prompts import completion_for_sandbox, encode_prompt, render_prompt
+from coderl.rollouts import prompt_token_ids
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
-from coderl.training import ModelArgs, TaskStream, prompt_token_ids
+from coderl.training import ModelArgs, TaskStream
 from tests.helpers import (
     REPO,
     adapter_tensors,
