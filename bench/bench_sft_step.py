@@ -10,21 +10,21 @@ Matched settings (both sides):
 * model: ``--model DIR`` as it is when it holds a model, else the tiny Llama of
   ``coderl.tiny_model`` is built there (random init: SFT needs no pre-training to be measured);
   weights and compute in ``--dtype`` (float32, or bfloat16 for both), CPU, ``--threads`` torch
-  threads; no autocast, no gradient checkpointing, no packing, no padding-free batches;
+  threads; no autocast, no gradient checkpointing;
 * a fresh LoRA adapter, r=16, alpha=32, ``--lora_dropout`` (default 0.05, the project's), on every
   linear layer but the output head, built by the project's ``load_policy`` for both with the same
   seed (the initial adapter weights are checked to be equal); every step both sides reseed torch
-  with the same value, so the dropout masks are the same too;
+  with the same value;
 * the same examples in the same order: toy Python function tasks (``coderl.toy_tasks``) encoded
-  by ``train_sft_lora.build_examples`` in ``--prompt_mode`` (instruct by default: chat-template
+  by ``coderl.sft_data.build_examples`` in ``--prompt_mode`` (instruct by default: chat-template
   prompt, the whole function in one fenced block, then the end-of-turn token); TRL gets the same
   ids as a pre-tokenized dataset (``input_ids`` + ``completion_mask``, ``completion_only_loss``,
   a sequential sampler over the rows in the order ``train_sft_lora``'s ``TaskStream`` draws them;
   the labels TRL builds are checked to mark exactly our target tokens), so both learn the
   solution tokens only;
-* ``--batch_size`` examples per micro-batch, ``--accumulation`` micro-batches per optimizer step,
-  right padding; AdamW (torch, lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient
-  clipping at 1.0, constant learning rate, no warm-up.
+* ``--batch_size`` examples per micro-batch, ``--accumulation`` micro-batches per optimizer step;
+  AdamW (torch, lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0,
+  constant learning rate, no warm-up.
 
 Loss: both sides divide the summed token NLL of the step by the number of supervised tokens in the
 whole step (ours in ``train_step``; TRL divides each micro-batch's sum by the Trainer's
@@ -34,9 +34,18 @@ relative 1e-4 (float32: far above the rounding of a sum of a few thousand terms)
 (bfloat16: ours rounds the logits to bfloat16 before its float32 log-softmax while TRL's head
 accumulates in float32; bfloat16 keeps 8 significant bits).
 
-What differs is each side's own machinery: ours runs the output head and the log-softmax only from
-the first target column (``masked_token_logprobs``); TRL's fused head (``add_fused_lm_head``) on
-CPU scores every position in vocabulary chunks and also computes entropy and top-1 accuracy.
+What differs is each side's own machinery. Ours (``train_sft_lora.summed_token_nll``) packs the
+micro-batch into one sequence without padding (segment attention, ``coderl.logprobs``), runs the
+output head and log-softmax on the target positions only, and draws LoRA's dropout as gaps
+between dropped elements (``coderl.dropout``); without dropout it also runs the chat template's
+opening once per micro-batch. TRL right-pads the rows, and its fused head
+(``add_fused_lm_head``) on CPU scores every position in vocabulary chunks and also computes
+entropy and top-1 accuracy. Dropout: both sides drop each element of every LoRA input with the
+same probability, independently, but not with the same masks (ours draws no masks for padding, and
+other random numbers): from the second step on the losses differ by that noise (a fresh LoRA's B
+is zero, so the first step's forward does not depend on dropout). With ``--lora_dropout 0`` both
+sides compute the same function at every step, and the losses of all steps agree (the largest
+relative difference is printed).
 
 Where the time goes: forward (ours: ``summed_token_nll``; TRL: ``compute_loss``, its metrics
 included), backward (``accelerator.backward`` on both) and the rest (collation, clipping, the
@@ -50,7 +59,7 @@ Both models stay resident, so that peak holds the other side's weights too; the 
 step's starting RSS is that side's own working memory (activations, logits, gradients).
 
     python bench/bench_sft_step.py                          # tiny model, 2 warm-up + 5 steps each
-    python bench/bench_sft_step.py --model checkpoints/smollm2-135m-instruct --steps 3 \\
+    python bench/bench_sft_step.py --model checkpoints/smollm2-135m-instruct --steps 5 \\
         --warmup 1 --batch_size 8 --output results/bench_sft_step.json
 """
 
@@ -163,8 +172,8 @@ def total_steps(args: BenchArgs) -> int:
 
 def step_batches(args: BenchArgs, examples) -> list[list[list]]:
     """Every optimizer step's micro-batches, drawn as train_sft_lora.py draws them."""
+    from coderl.sft_data import step_indices
     from coderl.training import TaskStream
-    from train_sft_lora import step_indices
 
     stream = TaskStream(len(examples), seed=args.seed)
     return [
@@ -177,7 +186,8 @@ def step_batches(args: BenchArgs, examples) -> list[list[list]]:
 
 
 def dropout_seed(seed: int, step: int) -> int:
-    """Both sides reseed torch with this before step ``step``: the same dropout masks."""
+    """Both sides reseed torch with this before step ``step`` (the same random state; with
+    dropout, each side draws its own masks from it)."""
     return seed * 1_000_003 + step
 
 
@@ -265,6 +275,7 @@ def build_ours(args: BenchArgs, model_dir: Path, workdir: Path):
     )
     run = start_run(train_args, (train_args,), gradient_accumulation_steps=args.accumulation)
     model, tokenizer = load_sft_policy(model_dir, args)
+    train_sft_lora.prepare_model(model)  # what train_sft_lora.main does after loading
     optimizer, scheduler = build_optimizer(trainable_parameters(model), train_args)
     model, optimizer = run.accelerator.prepare(model, optimizer)
     model.train()
@@ -514,7 +525,8 @@ def report(summary: dict) -> str:
     lines.append(
         f"\nratio ours / TRL = {summary['ratio_ours_over_trl']:.3f}\n"
         f"first-step loss: ours {loss['ours']:.6f}, TRL {loss['trl']:.6f} "
-        f"(relative difference {loss['relative_difference']:.2e}, tolerance {loss['rtol']:.0e})"
+        f"(relative difference {loss['relative_difference']:.2e}, tolerance {loss['rtol']:.0e}); "
+        f"largest relative difference over all steps {summary['max_relative_loss_difference_any_step']:.2e}"
     )
     if not summary["rss"]["per_step_peaks"]:
         lines.append("peak RSS: the process's peak so far (this system cannot reset it per step)")
@@ -539,7 +551,7 @@ def main(argv=None) -> None:
     from bench_rl_step import build_model, toy_tasks
     from datasets.utils.logging import disable_progress_bar
 
-    from train_sft_lora import build_examples
+    from coderl.sft_data import build_examples
 
     disable_progress_bar()
     seed_everything(args.seed)

@@ -11,16 +11,24 @@ The output head and the float32 log-softmax run only for completion tokens: the 
 each row) produces no logits at all. With ``share_prompts`` each distinct prompt runs once per
 batch and the rows that continue it attend to its cached keys/values, which stay in the autograd
 graph (the same numbers as one pass per row, up to float rounding).
+
+With ``padding_free`` the rows are packed into one sequence without padding: each row is a segment
+that attends causally to itself and fully to the segments it continues (a shared prompt, or with
+``share_prefix`` the longest prefix common to every prompt, such as a chat template's opening, run
+once for the whole batch). Keys and values of shared segments stay in the graph as above, and the
+output head runs on exactly the positions that predict a completion token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 
 from coderl.models import gradient_checkpointing_on
 
@@ -193,6 +201,8 @@ def completion_logprobs(
     entropy_grad: bool = False,
     with_hidden: bool = False,
     share_prompts: bool = True,
+    padding_free: bool = False,
+    share_prefix: bool = False,
 ) -> CompletionLogprobs:
     """log pi_T(y_j | x, y_<j) of every completion token, under logits divided by
     ``temperature`` (the distribution the tokens were sampled from); logits shifted before
@@ -200,33 +210,60 @@ def completion_logprobs(
 
     ``with_entropy``: also each next-token distribution's entropy (without gradient unless
     ``entropy_grad``: a loss term then, not only a logged number). ``with_hidden``: also the last
-    hidden state of each completion column (a value head reads it). The model always runs, even
-    when nothing is masked, so a loss built on the result can always be backpropagated.
+    hidden state of each completion column (a value head reads it; zero on padding columns with
+    ``padding_free``). The model always runs, even when nothing is masked, so a loss built on the
+    result can always be backpropagated.
+
+    ``padding_free``: one packed pass (see :func:`packed_outputs`) where the model supports it
+    (:func:`padding_free_supported`), else the padded passes; also the padded ones under
+    checkpointing in train mode (its recomputation, after this call, would run the model's own
+    attention over the packed rows). ``share_prefix`` (padding-free only):
+    also run the prefix common to every prompt once. Sharing a segment between rows also shares
+    its dropout masks: with dropout active, rows that run it separately draw one mask each, so
+    callers that must match separate passes share nothing then (:func:`dropout_active`).
     """
+    checkpointing = model.training and gradient_checkpointing_on(model)
     # In train mode, checkpointing (by any route) turns the key/value cache off: one pass per row.
-    if model.training and gradient_checkpointing_on(model):
+    if checkpointing:
         share_prompts = False
-    outputs = (shared_prompt_outputs if share_prompts else joint_outputs)(model, batch, with_hidden)
+    packed = padding_free and not checkpointing and padding_free_supported(model)
+    if packed:
+        outputs = packed_outputs(model, batch, share_prompts, share_prefix, with_hidden)
+    else:
+        pass_ = shared_prompt_outputs if share_prompts else joint_outputs
+        outputs = pass_(model, batch, with_hidden)
     lengths = batch.completion_mask.sum(dim=1).long().tolist()
     width = batch.completion_ids.shape[1]
+    if packed:  # rows follow each other: split (its backward is one concatenation, no zero fill)
+        packed_rows = outputs.logits.split(lengths)
     logprobs, entropies = [], []
     # One row at a time bounds the float32 copy of the logits to one row's completion.
     for row, length in enumerate(lengths):
-        row_logp = torch.log_softmax(outputs.logits[row, :length].float() / temperature, dim=-1)
+        row_logits = packed_rows[row] if packed else outputs.logits[row, :length]
+        row_logp = torch.log_softmax(row_logits.float() / temperature, dim=-1)
         target = batch.completion_ids[row, :length].unsqueeze(-1)
         logprobs.append(_padded(row_logp.gather(-1, target).squeeze(-1), width))
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 entropies.append(_padded(-(row_logp.exp() * row_logp).sum(-1), width))
+    hidden = outputs.hidden
+    if packed and with_hidden:
+        hidden = _spread_rows(hidden, lengths, width)
     return CompletionLogprobs(
         torch.stack(logprobs),
         torch.stack(entropies) if with_entropy else None,
-        outputs.hidden,
+        hidden,
     )
 
 
 def _padded(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[0]))
+
+
+def _spread_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
+    """(K, H) values of the packed completion tokens as (B, C, H), zero on padding columns."""
+    rows = flat.split(lengths)
+    return torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
 
 
 def reference_logprobs(
@@ -236,3 +273,237 @@ def reference_logprobs(
     gradient: the reference a KL penalty compares the policy with."""
     with torch.no_grad(), model.disable_adapter():
         return completion_logprobs(model, batch, temperature, share_prompts=share_prompts).logprobs
+
+
+# --------------------------------------------------------------------------- padding-free pass
+
+PACKED_ATTENTION = "coderl_packed_segments"
+
+
+@dataclass
+class Segments:
+    """How the packed sequence splits: segment ``i`` holds ``sizes[i]`` tokens, attends causally
+    to them and fully to the earlier segments ``context[i]`` (its ancestors: a shared prefix, a
+    shared prompt). ``masks[i]`` is that pattern for segments with a context (None otherwise)."""
+
+    sizes: list[int]
+    context: list[tuple[int, ...]]
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    calls: int = 0  # attention layers that ran on this layout
+
+    def add(self, size: int, context: tuple[int, ...]) -> int:
+        self.sizes.append(size)
+        self.context.append(context)
+        return len(self.sizes) - 1
+
+    def finish(self, device) -> None:
+        """Each segment's mask: every key of its context, then its own keys causally."""
+        self.masks = []
+        for size, context in zip(self.sizes, self.context, strict=True):
+            if not context:
+                self.masks.append(None)
+                continue
+            before = sum(self.sizes[c] for c in context)
+            allowed = torch.ones((size, before + size), dtype=torch.bool, device=device)
+            self.masks.append(allowed.tril(before))
+
+
+def segment_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_segments: Segments | None = None,
+    **kwargs,
+):
+    """Attention of a packed batch (one sequence), segment by segment: no token attends to another
+    row's tokens, and no segment pays for the others' length. Registered with transformers'
+    ``AttentionInterface``; the layout comes as the ``packed_segments`` keyword of the forward."""
+    if packed_segments is None:
+        raise RuntimeError(f"{PACKED_ATTENTION} attention called without packed_segments")
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        raise ValueError("the padding-free pass supports plain causal attention only")
+    layout = packed_segments
+    layout.calls += 1
+    gqa = query.shape[1] != key.shape[1]
+    queries, keys, values = (t.split(layout.sizes, dim=2) for t in (query, key, value))
+    outputs = []
+    for i, context in enumerate(layout.context):
+        own_keys = torch.cat([keys[c] for c in context] + [keys[i]], dim=2) if context else keys[i]
+        own_values = (
+            torch.cat([values[c] for c in context] + [values[i]], dim=2) if context else values[i]
+        )
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                queries[i],
+                own_keys,
+                own_values,
+                attn_mask=layout.masks[i],
+                dropout_p=dropout,
+                is_causal=not context,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, segment_attention)
+
+
+def padding_free_supported(model) -> bool:
+    """Whether the model's attention goes through transformers' ``AttentionInterface`` (where
+    the segment attention plugs in)."""
+    base = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return base is not None and bool(getattr(base, "_supports_attention_backend", False))
+
+
+def dropout_active(model) -> bool:
+    """Whether a forward of ``model`` now draws dropout masks: a dropout module (LoRA's included)
+    in train mode with p > 0, or attention dropout in train mode."""
+    dropouts = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, dropouts) and module.p > 0:
+            return True
+        if getattr(getattr(module, "config", None), "attention_dropout", 0.0):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def packed_attention(model) -> Iterator[None]:
+    """The model's attention is the segment attention inside this block (its configs name it)."""
+    configs = {
+        id(m.config): m.config
+        for m in model.modules()
+        if isinstance(getattr(m, "config", None), PreTrainedConfig)
+    }
+    before = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = PACKED_ATTENTION
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = before[key]
+
+
+@dataclass
+class PackedLayout:
+    """The batch as one sequence: ids and positions (1, N), its segments, and ``predict_at``: for
+    every completion token, row after row, the index of the output that predicts it."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: Segments
+    predict_at: torch.Tensor
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    shortest = min(len(r) for r in rows)
+    for i in range(shortest):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return shortest
+
+
+def packed_layout(
+    batch: PackedBatch, share_prompts: bool = True, share_prefix: bool = False
+) -> PackedLayout:
+    """Pack the batch's rows (the last completion token is never an input) into one sequence.
+
+    A prompt shared by several rows (``share_prompts``) is one segment their completions continue;
+    with ``share_prefix`` the prefix common to every prompt is one segment before all of them.
+    Position ids restart at 0 for every row, as separate passes number them.
+    """
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.prompt_ids, batch.prompt_mask)]
+    row_prompt = batch.row_prompt.tolist()
+    lengths = batch.completion_mask.sum(dim=1).long().tolist()
+    completions = [batch.completion_ids[r, :n].tolist() for r, n in enumerate(lengths)]
+    used = sorted(set(row_prompt))
+    if any(not prompts[u] for u in used):
+        raise ValueError("the padding-free pass needs at least one prompt token in every row")
+    ids: list[int] = []
+    positions: list[int] = []
+    segments = Segments([], [])
+
+    def append(tokens: Sequence[int], first_position: int, context: tuple[int, ...]):
+        """Add a segment; returns its index and the packed index of its last token."""
+        ids.extend(tokens)
+        positions.extend(range(first_position, first_position + len(tokens)))
+        return segments.add(len(tokens), context), len(ids) - 1
+
+    prefix_length = 0
+    root: tuple[int, ...] = ()
+    prefix_last = -1
+    if share_prefix and len(row_prompt) > 1:
+        prefix_length = common_prefix_length([prompts[u] for u in used])
+        if prefix_length:
+            prefix, prefix_last = append(prompts[used[0]][:prefix_length], 0, ())
+            root = (prefix,)
+    # Where each shared prompt ends: the context its rows attend to and its last token's index.
+    chains: dict[int, tuple[tuple[int, ...], int]] = {}
+    if share_prompts:
+        for u in used:
+            rest = prompts[u][prefix_length:]
+            if rest:
+                segment, last = append(rest, prefix_length, root)
+                chains[u] = (root + (segment,), last)
+            else:
+                chains[u] = (root, prefix_last)
+    predict_at: list[int] = []
+    for u, completion in zip(row_prompt, completions, strict=True):
+        if not completion:
+            continue
+        if share_prompts:
+            (context, last), head = chains[u], []
+        else:  # the row runs its own prompt (after the shared prefix, if any)
+            context, head = root, prompts[u][prefix_length:]
+        first = len(ids)
+        if head or len(completion) > 1:  # a one-token completion after a shared prompt has no input
+            append(head + completion[:-1], len(prompts[u]) - len(head), context)
+        if not share_prompts:
+            last = first + len(head) - 1 if head else prefix_last
+        # Token 0 is predicted by the prompt's last token, token j by completion token j - 1.
+        predict_at.append(last)
+        predict_at.extend(range(first + len(head), first + len(head) + len(completion) - 1))
+    if not ids:  # no completion token anywhere: still one forward, so backward always works
+        append(prompts[used[0]], 0, ())
+    device = batch.completion_ids.device
+    segments.finish(device)
+    return PackedLayout(
+        torch.tensor([ids], device=device),
+        torch.tensor([positions], device=device),
+        segments,
+        torch.tensor(predict_at, dtype=torch.long, device=device),
+    )
+
+
+def packed_outputs(
+    model,
+    batch: PackedBatch,
+    share_prompts: bool = True,
+    share_prefix: bool = False,
+    with_hidden: bool = False,
+) -> Outputs:
+    """Logits (K, V) and hidden states (K, H) of the K positions that predict a completion token,
+    from one padding-free pass: row 0's completion tokens in order, then row 1's, and so on."""
+    layout = packed_layout(batch, share_prompts, share_prefix)
+    with packed_attention(model):
+        out = model(
+            input_ids=layout.input_ids,
+            position_ids=layout.position_ids,
+            logits_to_keep=layout.predict_at,
+            use_cache=False,
+            output_hidden_states=with_hidden,
+            packed_segments=layout.segments,
+        )
+    if layout.segments.calls == 0:  # its attention never saw the layout: rows would mix
+        raise RuntimeError("the model's attention ignored the padding-free layout")
+    hidden = out.hidden_states[-1][0, layout.predict_at] if with_hidden else None
+    return Outputs(out.logits[0], hidden)

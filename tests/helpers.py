@@ -153,6 +153,22 @@ def full_vocab_logprobs_of_batch(
     return CompletionLogprobs(logprobs, entropy, hidden)
 
 
+def record_packed_layouts(monkeypatch) -> list:
+    """Make ``coderl.logprobs`` keep every padding-free layout it builds in the returned list
+    (proof that the packed pass ran, and what it packed and shared)."""
+    from coderl import logprobs
+
+    built = []
+    original = logprobs.packed_layout
+
+    def recorded(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(logprobs, "packed_layout", recorded)
+    return built
+
+
 def move_lora_b_off_zero(model, std: float = 0.02) -> None:
     """Give every LoRA B a seeded random value, as training would have.
 
