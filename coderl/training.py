@@ -1,17 +1,17 @@
-"""Plumbing shared by the training scripts: options, run setup, policy loading, optimizer,
-log-probs of sequences, rollouts (generate + score + reward), validation, checkpoints and resume.
+"""Plumbing shared by the training scripts: the options every one takes (model and adapter,
+run, logging, validation, checkpoints), the policy with its trainable adapter, the optimizer and
+its schedule, gradient clipping by parameter group, and the seeded stream of training tasks.
 
-No algorithm lives here: advantages and losses are written out in each ``train_*.py``.
+No algorithm lives here: advantages and losses are written out in each ``train_*.py``; the run
+itself is coderl/run.py, rollouts coderl/rollouts.py, log-probs coderl/logprobs.py.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -328,117 +328,3 @@ class TaskStream:
     @property
     def epoch(self) -> float:
         return self.position / self.num_tasks
-
-
-# --------------------------------------------------------------------------- sequences
-
-
-def token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False
-):
-    """log p(x_t | x_<t) for t = 1..T-1 (shape B x T-1): logits shifted before gathering.
-
-    With ``return_entropy`` also the entropy of each next-token distribution (B x T-1).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
-    logprobs_all = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    logprobs = logprobs_all.gather(-1, targets).squeeze(-1)
-    if not return_entropy:
-        return logprobs
-    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-    return logprobs, entropy
-
-
-class MaskedLogprobs(NamedTuple):
-    """What :func:`masked_token_logprobs` returns: one entry per masked token, row-major."""
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor | None = None  # of each masked position's next-token distribution
-    hidden: torch.Tensor | None = None  # the last hidden state, B x T x H, every position
-
-
-def masked_token_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    return_hidden: bool = False,
-) -> MaskedLogprobs:
-    """log p_T(x_t | x_<t) of the tokens where ``mask`` (B x T-1, as :func:`token_logprobs`;
-    None: every position) is 1, under logits divided by ``temperature``.
-
-    The same numbers as ``token_logprobs(...)[mask.bool()]``, for less: the output head runs only
-    from the first column any row needs (``logits_to_keep``; the prompt, most of each row, needs
-    none), and only the masked positions are upcast to float32 and normalised over the
-    vocabulary. The model always runs, even when nothing is masked, so every process does the
-    same passes and a loss built on the result can always be backpropagated.
-    """
-    width = input_ids.shape[1]
-    needed = (all_positions(input_ids) if mask is None else mask).bool()
-    columns = needed.any(dim=0).nonzero()
-    first = int(columns[0]) if len(columns) else width - 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if return_hidden:
-        inputs["output_hidden_states"] = True
-    try:
-        output = model(**inputs, logits_to_keep=width - first)
-        logits = output.logits
-    except TypeError:  # a model whose forward has no logits_to_keep
-        output = model(**inputs)
-        logits = output.logits[:, first:]
-    needed = needed[:, first:]
-    selected = logits[:, :-1][needed].float()  # (tokens, vocabulary)
-    if temperature != 1.0:
-        selected = selected / temperature
-    logprobs_all = torch.log_softmax(selected, dim=-1)
-    targets = input_ids[:, first + 1 :][needed]
-    logprobs = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if return_entropy else None
-    hidden = output.hidden_states[-1] if return_hidden else None
-    return MaskedLogprobs(logprobs, entropy, hidden)
-
-
-def all_positions(input_ids: torch.Tensor) -> torch.Tensor:
-    """A B x T-1 mask of ones: every next-token position of ``input_ids``."""
-    batch, width = input_ids.shape
-    return torch.ones((batch, width - 1), dtype=torch.float32, device=input_ids.device)
-
-
-def spread_over_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The flat ``values`` of :func:`masked_token_logprobs` back in their B x T-1 places, zero
-    where ``mask`` is 0 (a loss that multiplies by the mask sees the same numbers)."""
-    out = values.new_zeros(mask.shape)
-    out[mask.bool()] = values
-    return out
-
-
-def pack_sequences(
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    pad_id: int,
-    device=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + completion`` batches, ids concatenated (never re-tokenized).
-
-    Returns ``input_ids``, ``attention_mask`` (B x T) and ``completion_mask`` (B x T-1), the latter
-    aligned with :func:`token_logprobs`: position t-1 is 1 where token t belongs to the completion.
-    """
-    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    comp_mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)
-    for i, (row, p) in enumerate(zip(rows, prompt_ids, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
-        comp_mask[i, len(p) - 1 : len(row) - 1] = 1.0
-    if device is not None:
-        input_ids, attention, comp_mask = (
-            input_ids.to(device),
-            attention.to(device),
-            comp_mask.to(device),
-        )
-    return input_ids, attention, comp_mask

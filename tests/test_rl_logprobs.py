@@ -41,10 +41,10 @@ def packed_rows(tokenizer):
     )
 
 
-def assert_on_mask(value, reference, mask):
+def assert_on_mask(value, reference, mask, atol=1e-5):
     """Equal to ``reference`` where ``mask`` is 1 (fp32 tolerance), 0 elsewhere."""
     keep = mask.bool()
-    torch.testing.assert_close(value[keep], reference[keep], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(value[keep], reference[keep], rtol=1e-6, atol=atol)
     assert torch.equal(value[~keep], torch.zeros_like(value[~keep]))
 
 
@@ -86,4 +86,7 @@ def test_shared_prompt_pass_gives_the_same_numbers(policy):
     with torch.no_grad():
         shared = completion_logprobs(model, batch, TEMPERATURE, share_prompts=True).logprobs
         joint = completion_logprobs(model, batch, TEMPERATURE, share_prompts=False).logprobs
-    assert_on_mask(shared, joint, batch.completion_mask)
+    # Two passes (prompt, then completions on its cache) against one sum the attention in another
+    # order: log-probs of size ~10 over a 49152-word vocabulary move by up to a few 1e-5 in fp32,
+    # depending even on earlier allocations (measured 3e-6 to 2e-5).
+    assert_on_mask(shared, joint, batch.completion_mask, atol=5e-5)
