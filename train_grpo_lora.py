@@ -286,8 +286,8 @@ def policy_update(
 ) -> dict[str, float]:
     """``--num_iterations`` optimizer steps on one rollout (each accumulated over micro-batches,
     gradients averaged over processes). Returns the ``train/`` metrics."""
-    g, temperature, share = opts.grpo, opts.rollout.temperature, opts.rollout.share_prompt_forward
-    model, pad = loop.policy, loop.tokenizer.pad_token_id
+    g, temperature, options = opts.grpo, opts.rollout.temperature, opts.rollout.logprob_options()
+    model, pad, device = loop.policy, loop.tokenizer.pad_token_id, loop.run.accelerator.device
     params = trainable_parameters(model)
     eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
     # Normalisers of this process's whole step, whatever the micro-batch.
@@ -297,24 +297,24 @@ def policy_update(
     run = [i for i, r in enumerate(rollouts) if r.in_loss and (g.beta > 0 or r.advantage != 0)]
     # Rows stay in group order, so a micro-batch holds whole groups: one prompt pass each.
     chunks = micro_batches(run, opts.rollout.micro_batch_size)
-    device = next(model.parameters()).device
     packed = [pack_rollouts([rollouts[i] for i in c], pad, device) for c in chunks]
     old_lps: list[Tensor] = []
-    ref_lps: list[Tensor | None] = []
     sums = {"loss": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "kl": 0.0}
     entropy = tokens_seen = 0.0
     model.train()
+    ref_lps = [
+        reference_logprobs(model, batch, temperature, **options) if g.beta > 0 else None
+        for batch in packed
+    ]
     for iteration in range(g.num_iterations):
         optimizer.zero_grad(set_to_none=False)
         for p in params:  # zeros, not None: a step whose rows all have A = 0 still steps Adam
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         for index, (chunk, batch) in enumerate(zip(chunks, packed, strict=True)):
             first = iteration == 0
-            out = completion_logprobs(model, batch, temperature, first, share_prompts=share)
+            out = completion_logprobs(model, batch, temperature, first, **options)
             if first:  # the rollout-time log-probs: this very forward, before any update
                 old_lps.append(out.logprobs.detach())
-                ref = reference_logprobs(model, batch, temperature, share) if g.beta > 0 else None
-                ref_lps.append(ref)
                 entropy += float((out.entropy * batch.completion_mask).sum())
             loss, st = grpo_loss(
                 out.logprobs, old_lps[index], ref_lps[index], advantages[chunk].to(device),

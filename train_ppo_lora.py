@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.variant == "token":
             source = value_head_source(model_args.init_adapter, loop.run.resume_from)
             head = build_value_head(loop.policy, source, device)
-        model = PolicyWithValue(loop.policy, head, rollout.share_prompt_forward)
+        model = PolicyWithValue(loop.policy, head, **rollout.logprob_options())
         model.train()
         groups = model.parameter_groups(train.learning_rate, args.value_learning_rate)
         optimizer, scheduler = build_optimizer(groups, train)

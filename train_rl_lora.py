@@ -283,7 +283,7 @@ def policy_update(
 ) -> UpdateStats:
     """One optimizer step on the step's kept rollouts (accumulated over micro-batches); the
     gradients are averaged over ``processes`` (default: this one alone) before clipping."""
-    rl, temperature, share = opts.rl, opts.rollout.temperature, opts.rollout.share_prompt_forward
+    rl, temperature, options = opts.rl, opts.rollout.temperature, opts.rollout.logprob_options()
     device = next(model.parameters()).device
     kept = [i for i, r in enumerate(rollouts) if r.mask]
     # The step's normalisers: every kept sample and token counts once, whatever its micro-batch.
@@ -295,11 +295,11 @@ def policy_update(
     for chunk in micro_batches(kept, opts.rollout.micro_batch_size):
         batch = pack_rollouts([rollouts[i] for i in chunk], pad_id, device)
         mask, part_adv = batch.completion_mask, advantages[chunk].to(device)
-        out = completion_logprobs(model, batch, temperature, with_entropy=True, share_prompts=share)
+        out = completion_logprobs(model, batch, temperature, with_entropy=True, **options)
         pg = reinforce_loss(out.logprobs, mask, part_adv, rl.token_aggregation, None, num_kept)
         loss = pg
         if rl.kl_coef > 0:
-            ref_logprobs = reference_logprobs(model, batch, temperature, share)
+            ref_logprobs = reference_logprobs(model, batch, temperature, **options)
             kl_term = kl_loss(
                 out.logprobs, ref_logprobs, mask, rl.token_aggregation, rl.kl_estimator, None,
                 num_kept,

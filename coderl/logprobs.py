@@ -267,12 +267,12 @@ def _spread_rows(flat: torch.Tensor, lengths: list[int], width: int) -> torch.Te
 
 
 def reference_logprobs(
-    model, batch: PackedBatch, temperature: float = 1.0, share_prompts: bool = True
+    model, batch: PackedBatch, temperature: float = 1.0, **options: bool
 ) -> torch.Tensor:
-    """:func:`completion_logprobs` under the base model (a peft model's adapter disabled), without
-    gradient: the reference a KL penalty compares the policy with."""
+    """:func:`completion_logprobs` (with these ``options``) under the base model (a peft model's
+    adapter disabled), without gradient: the reference a KL penalty compares the policy with."""
     with torch.no_grad(), model.disable_adapter():
-        return completion_logprobs(model, batch, temperature, share_prompts=share_prompts).logprobs
+        return completion_logprobs(model, batch, temperature, **options).logprobs
 
 
 # --------------------------------------------------------------------------- padding-free pass

@@ -157,7 +157,14 @@ class RolloutArgs:
         default=True,
         metadata={
             "help": "In the update, run each distinct prompt once per micro-batch and its "
-            "completions on its cached keys/values (the same numbers as one pass per row)."
+            "completions on its keys/values (the same numbers as one pass per row)."
+        },
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "In the update, pack a micro-batch's rows into one sequence without padding "
+            "(padded passes where the model or gradient checkpointing does not allow it)."
         },
     )
     merge_for_generation: bool = field(
@@ -171,6 +178,10 @@ class RolloutArgs:
         default=False,
         metadata={"help": "Also validate before the first step (logged at step 0)."},
     )
+
+    def logprob_options(self) -> dict[str, bool]:
+        """Computed after parsing: how the update computes log-probs (coderl.logprobs)."""
+        return {"share_prompts": self.share_prompt_forward, "padding_free": self.padding_free}
 
     def sampling(self):
         """Computed after parsing: the sampling configuration of the rollouts."""

@@ -35,11 +35,12 @@ class ValueHead(torch.nn.Module):
 class PolicyWithValue(torch.nn.Module):
     """The adapter-wrapped causal LM and (optionally) its value head."""
 
-    def __init__(self, policy, value_head: ValueHead | None, share_prompts: bool = True):
+    def __init__(self, policy, value_head: ValueHead | None, **logprob_options: bool):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
-        self.share_prompts = share_prompts  # see coderl.logprobs.completion_logprobs
+        # How log-probs are computed: share_prompts, padding_free (coderl.logprobs).
+        self.logprob_options = logprob_options
         # A KL reference other than the base: the adapter's starting weights (None: the base).
         self.reference_weights: list[torch.Tensor] | None = None
 
@@ -65,7 +66,7 @@ class PolicyWithValue(torch.nn.Module):
             with_entropy=True,
             entropy_grad=True,
             with_hidden=self.value_head is not None,
-            share_prompts=self.share_prompts,
+            **self.logprob_options,
         )
         values = self.value_head(out.hidden) if self.value_head is not None else None
         return out.logprobs, out.entropy, values
@@ -75,11 +76,10 @@ class PolicyWithValue(torch.nn.Module):
         """Log-probs under the reference: the same network with the adapter switched off (base),
         or with the adapter's starting weights swapped in for the pass (init)."""
         if self.reference_weights is None:
-            return reference_logprobs(self.policy, batch, temperature, self.share_prompts)
+            return reference_logprobs(self.policy, batch, temperature, **self.logprob_options)
         with swapped_weights(self.adapter_parameters(), self.reference_weights):
-            return completion_logprobs(
-                self.policy, batch, temperature, share_prompts=self.share_prompts
-            ).logprobs
+            options = self.logprob_options
+            return completion_logprobs(self.policy, batch, temperature, **options).logprobs
 
     def parameter_groups(self, lr: float, value_lr: float = 0.0) -> list[dict]:
         """The adapter's trainable parameters and, as a second group (learning rate

@@ -125,6 +125,8 @@ def full_vocab_logprobs_of_batch(
     entropy_grad=False,
     with_hidden=False,
     share_prompts=True,
+    padding_free=False,
+    share_prefix=False,
 ):
     """Reference for ``coderl.logprobs.completion_logprobs``, same arguments and result: one pass
     over each whole row in the same layout (left-padded prompt, then its completion), the output

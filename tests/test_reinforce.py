@@ -199,13 +199,14 @@ def fake_rollouts(tokenizer, tasks, completions, masks) -> list[Rollout]:
 
 
 def update_options(
-    micro_batch_size=2, temperature=1.0, max_grad_norm=0.0, share_prompt_forward=True, **rl_options
+    micro_batch_size=2, temperature=1.0, max_grad_norm=0.0, one_pass_per_row=False, **rl_options
 ):
     """The options ``rl.policy_update`` reads, as parsed from a command line."""
     rollout = rl.RolloutArgs(
         micro_batch_size=micro_batch_size,
         temperature=temperature,
-        share_prompt_forward=share_prompt_forward,
+        share_prompt_forward=not one_pass_per_row,
+        padding_free=not one_pass_per_row,
     )
     return rl.Options(
         rl.RLModelArgs(),
@@ -315,7 +316,7 @@ def test_kl_to_the_reference_is_zero_while_the_adapter_is_the_identity(
     assert stats.kl == pytest.approx(0.0, abs=1e-7) and stats.loss == pytest.approx(0.0, abs=1e-7)
 
 
-def reference_logprobs(model, batch, temperature=1.0, share_prompts=True):
+def reference_logprobs(model, batch, temperature=1.0, **options):
     """``coderl.logprobs.reference_logprobs`` through the full-vocabulary reference."""
     with torch.no_grad(), model.disable_adapter():
         return full_vocab_logprobs_of_batch(model, batch, temperature).logprobs
@@ -334,7 +335,7 @@ def test_update_equals_the_full_vocabulary_update(tiny_model_dir, toy_data_dir, 
     advantages = torch.tensor([0.5, 3.0, -1.25])
     # One pass per row on both sides: this compares the output head and log-softmax alone (the
     # shared prompt pass is compared in tests/test_logprobs.py).
-    options = dict(kl_coef=0.3, temperature=0.7, share_prompt_forward=False)
+    options = dict(kl_coef=0.3, temperature=0.7, one_pass_per_row=True)
     moved, stats = step_gradients(model, tokenizer, rollouts, advantages, **options)
     monkeypatch.setattr(rl, "completion_logprobs", full_vocab_logprobs_of_batch)
     monkeypatch.setattr(rl, "reference_logprobs", reference_logprobs)
