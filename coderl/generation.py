@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from coderl.cli import derive_seed
 from coderl.errors import UserError
@@ -362,6 +363,56 @@ def finish_completion(
     return FinishedRow(text, generated, reason, end_id, sampled)
 
 
+def growing_cache(model) -> dict:
+    """The generate argument that gives it a :class:`GrowingCache` (``{}``: the default cache,
+    for a model with sliding-window layers or a transformers without this cache API)."""
+    from coderl.logprobs import cache_argument
+
+    config = unwrap_model(model).config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    )
+    if sliding or any(kind != "full_attention" for kind in layer_types):
+        return {}
+    try:
+        return {cache_argument(model): GrowingCache()}
+    except TypeError:  # a transformers 5.x whose Cache takes no layer class
+        return {}
+
+
+class GrowingLayer(DynamicLayer):
+    """A decoder layer's keys and values in a buffer with room to grow: a decode step writes its
+    column in place instead of copying the whole cache (``DynamicLayer`` concatenates, ~15% of a
+    CPU decode step); attention reads the same values in the same shapes."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.buffers = None
+        n, length = key_states.shape[-2], self.get_seq_length()
+        stale = self.buffers is None or self.keys.data_ptr() != self.buffers[0].data_ptr()
+        if stale or length + n > self.buffers[0].shape[-2]:  # grow (or adopt edited keys)
+            shape = (*key_states.shape[:-2], max(2 * (length + n), 64))
+            keys = key_states.new_empty(*shape, key_states.shape[-1])
+            values = value_states.new_empty(*shape, value_states.shape[-1])
+            if length:
+                keys[..., :length, :], values[..., :length, :] = self.keys, self.values
+            self.buffers = (keys, values)
+        keys, values = self.buffers
+        keys[..., length : length + n, :] = key_states
+        values[..., length : length + n, :] = value_states
+        self.keys, self.values = keys[..., : length + n, :], values[..., : length + n, :]
+        return self.keys, self.values
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`GrowingLayer` layers."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
 def _generate_batch(
     model,
     tokenizer,
@@ -390,6 +441,7 @@ def _generate_batch(
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
+            **growing_cache(model),
             max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             num_beams=1,

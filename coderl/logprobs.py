@@ -167,7 +167,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
         input_ids=batch.completion_ids[:, :-1],
         attention_mask=attention,
         position_ids=batch.completion_positions[:, :-1],
-        **{_cache_argument(model): cache},
+        **{cache_argument(model): cache},
         use_cache=True,
         output_hidden_states=with_hidden,
     )
@@ -177,7 +177,7 @@ def shared_prompt_outputs(model, batch: PackedBatch, with_hidden: bool = False) 
     return Outputs(logits, hidden)
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The forward argument that takes a key/value cache: ``cache`` in newer transformers 5.x,
     ``past_key_values`` before (and removed in 5.40)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -677,3 +677,44 @@ def test_bad_sampling_config_is_a_user_error(model_and_tokenizer, cfg, message):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(UserError, match=message):
         generate(model, tokenizer, FUNCTION_TASKS[:1], cfg)
+
+
+def test_the_growing_cache_holds_what_concatenation_holds(model_and_tokenizer):
+    """GrowingLayer step by step against DynamicLayer's concatenation: a prefill, single decode
+    steps past two reallocations, a batch selection (what beam search does to a cache), more
+    steps; the keys and values read back are equal every time. ``generate`` gives the model one,
+    and its completions are the default cache's, token for token."""
+    from transformers.cache_utils import DynamicLayer
+
+    from coderl.generation import GrowingCache, GrowingLayer, growing_cache
+
+    g = torch.Generator().manual_seed(0)
+    ours, reference = GrowingLayer(), DynamicLayer()
+
+    def step(tokens: int, rows: int = 3):
+        k, v = (torch.randn(rows, 2, tokens, 4, generator=g) for _ in range(2))
+        got, want = ours.update(k, v), reference.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+    step(5)
+    for _ in range(140):  # capacity 64, then 132, then 268
+        step(1)
+    for layer in (ours, reference):
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    for _ in range(3):
+        step(1, rows=2)
+    assert ours.get_seq_length() == reference.get_seq_length() == 148
+
+    model, tokenizer = model_and_tokenizer
+    assert isinstance(next(iter(growing_cache(model).values())), GrowingCache)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, n=3, batch_size=6, stop=())
+    with_growing = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
+    import coderl.generation as generation
+
+    original = generation.growing_cache
+    generation.growing_cache = lambda model: {}
+    try:
+        default = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
+    finally:
+        generation.growing_cache = original
+    assert [c.sampled_ids for c in with_growing] == [c.sampled_ids for c in default]
