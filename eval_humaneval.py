@@ -53,6 +53,7 @@ from coderl.evaluation import (
     table_header,
     table_row,
 )
+from coderl.prompts import BASE_STOP_SEQUENCES
 from coderl.tasks import (
     append_jsonl,
     content_fingerprint,
@@ -333,7 +334,7 @@ def output_folder(args: EvalArgs, model: str) -> Path:
     return Path(args.output_dir) / slug
 
 
-def generation_settings(args: EvalArgs, model_name: str, stops) -> dict:
+def generation_settings(args: EvalArgs, model_name: str) -> dict:
     """What an evaluation folder holds: the checkpoint (by content, for a local folder), the
     tasks (by content) and every setting that shapes a verdict; ``name``, ``method``, ``limit``
     and ``model_info`` are labels and may change."""
@@ -349,7 +350,7 @@ def generation_settings(args: EvalArgs, model_name: str, stops) -> dict:
         "problems_content": content_fingerprint(args.problems),
         "limit": args.limit,
         "prompt_mode": args.prompt_mode,
-        "stop_sequences": list(stops),
+        "stop_sequences": list(BASE_STOP_SEQUENCES),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -421,9 +422,10 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandbox) -> dict:
-    from coderl.generation import BASE_STOP_SEQUENCES, SamplingConfig, generate
+    from coderl.generation import SamplingConfig, generate
     from coderl.models import describe_model, load_model
     from coderl.prompts import completion_for_sandbox, render_prompt
+    from coderl.rollouts import adapter_folded
 
     out = output_folder(args, model_name)
     cfg = SamplingConfig(
@@ -434,8 +436,7 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
         batch_size=args.batch_size,
         prompt_mode=args.prompt_mode,
     )
-    stops = cfg.stop if cfg.stop is not None else BASE_STOP_SEQUENCES
-    settings = generation_settings(args, model_name, stops)
+    settings = generation_settings(args, model_name)
     state = folder_state(out, settings, tasks, args.n_samples)
     if state == "finished" and not args.overwrite:
         print(f"{out}: finished with these settings, reporting it again", file=sys.stderr)
@@ -467,7 +468,8 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         offset = tasks.index(part[0])
-        completions = generate(model, tokenizer, part, cfg, seed=args.seed + offset)
+        with adapter_folded(model):  # an fp32 adapter folded into its weights: one matmul a layer
+            completions = generate(model, tokenizer, part, cfg, seed=args.seed + offset)
         new_samples = []
         for c in completions:
             task = part[c.task_index]
@@ -524,11 +526,8 @@ def collect(out: Path, future, samples: list[dict]) -> list[dict]:
 
 def print_status(args: EvalArgs, tasks: list[dict]) -> None:
     """The --status answer: what the output folder holds for this model and these settings."""
-    from coderl.generation import BASE_STOP_SEQUENCES
-
     model_name = args.model[0]
-    stops = BASE_STOP_SEQUENCES  # what generation_settings records for every prompt mode
-    settings = generation_settings(args, model_name, stops)
+    settings = generation_settings(args, model_name)
     state = folder_state(output_folder(args, model_name), settings, tasks, args.n_samples)
     table = table_path(args)
     if state == "finished" and table.is_file():

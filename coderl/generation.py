@@ -55,14 +55,13 @@ from coderl.cli import derive_seed
 from coderl.errors import UserError
 from coderl.models import eval_mode, unwrap_model
 from coderl.prompts import (
+    BASE_STOP_SEQUENCES,
     chat_end_of_turn_id,
     check_prompt_mode,
     encode_prompt,
     render_prompt,
     task_kind,
 )
-
-BASE_STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n```")
 
 
 @dataclass

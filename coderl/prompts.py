@@ -24,6 +24,8 @@ from coderl.errors import UserError
 from sandbox import task_kind
 
 PROMPT_MODES = ("base", "instruct")
+# Where a base-mode function completion ends: the next top-level statement (coderl.generation).
+BASE_STOP_SEQUENCES: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\n```")
 LANGUAGE_NAMES = {"python": "Python", "cpp": "C++"}
 COMMENT_PREFIXES = {"python": "#", "cpp": "//"}
 FENCE_TAGS = {"python": ("python", "py", "python3"), "cpp": ("cpp", "c++", "cc", "cxx")}
