@@ -2,61 +2,56 @@
 
 Both run in this one process, interleaved step by step (TRL's step, then ours, inside TRL's
 training loop) so that a change in machine load hits both alike. Printed: each side's median
-seconds per optimizer step and per example after warm-up, the ratio ours / TRL, the peak RSS
-during each side's steps, both sides' loss at every step, and where the time goes.
+seconds per optimizer step and per example after warm-up, the ratio ours / TRL, the peak RSS during
+each side's steps, both sides' loss at every step, and where the time goes.
 
 Matched settings (both sides):
 
 * model: ``--model DIR`` as it is when it holds a model, else the tiny Llama of
-  ``coderl.tiny_model`` is built there (random init: SFT needs no pre-training to be measured);
-  weights and compute in ``--dtype`` (float32, or bfloat16 for both), CPU, ``--threads`` torch
-  threads; no autocast, no gradient checkpointing;
-* a fresh LoRA adapter, r=16, alpha=32, ``--lora_dropout`` (default 0.05, the project's), on every
-  linear layer but the output head, built by the project's ``load_policy`` for both with the same
-  seed (the initial adapter weights are checked to be equal); every step both sides reseed torch
-  with the same value;
-* the same examples in the same order: toy Python function tasks (``coderl.toy_tasks``) encoded
-  by ``coderl.sft_data.build_examples`` in ``--prompt_mode`` (instruct by default: chat-template
-  prompt, the whole function in one fenced block, then the end-of-turn token); TRL gets the same
-  ids as a pre-tokenized dataset (``input_ids`` + ``completion_mask``, ``completion_only_loss``,
-  a sequential sampler over the rows in the order ``train_sft_lora``'s ``TaskStream`` draws them;
-  the labels TRL builds are checked to mark exactly our target tokens), so both learn the
-  solution tokens only;
+  ``coderl.tiny_model`` built there (random init: SFT needs no pre-training to be measured);
+  ``--dtype`` weights and compute (float32 or bfloat16), CPU, ``--threads`` torch threads; no
+  autocast or gradient checkpointing;
+* a fresh LoRA adapter (r=16, alpha=32, ``--lora_dropout``, default 0.05 as the project's) on every
+  linear layer but the output head, built by the project's ``load_policy`` with the same seed
+  (initial adapter weights checked equal); both reseed torch with the same value every step;
+* the same examples in the same order: toy Python function tasks (``coderl.toy_tasks``) encoded by
+  ``coderl.sft_data.build_examples`` in ``--prompt_mode`` (default instruct: chat-template prompt,
+  the whole function in one fenced block, then the end-of-turn token); TRL gets the same ids as a
+  pre-tokenized dataset (``input_ids`` + ``completion_mask``, ``completion_only_loss``, a
+  sequential sampler over the rows in the order ``train_sft_lora``'s ``TaskStream`` draws them; its
+  labels are checked to mark exactly our target tokens), so both learn the solution tokens only;
 * ``--batch_size`` examples per micro-batch, ``--accumulation`` micro-batches per optimizer step;
   AdamW (torch, lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0,
   constant learning rate, no warm-up.
 
-Loss: both sides divide the summed token NLL of the step by the number of supervised tokens in the
-whole step (ours in ``train_step``; TRL divides each micro-batch's sum by the Trainer's
-``num_items_in_batch``, the step's label count), so the sum of TRL's micro-batch losses is our
-``train/loss``; these are compared, and the run fails if the first step's differ by more than a
-relative 1e-4 (float32: far above the rounding of a sum of a few thousand terms) or 2e-2
-(bfloat16: ours rounds the logits to bfloat16 before its float32 log-softmax while TRL's head
-accumulates in float32; bfloat16 keeps 8 significant bits).
+Loss: both sides divide the step's summed token NLL by its number of supervised tokens (ours in
+``train_step``; TRL divides each micro-batch's sum by the Trainer's ``num_items_in_batch``, the
+step's label count), so the sum of TRL's micro-batch losses is our ``train/loss``; the run fails if
+the first step's differ by more than a relative 1e-4 (float32: far above the rounding of a sum of a
+few thousand terms) or 2e-2 (bfloat16, 8 significant bits: ours rounds the logits to bfloat16
+before its float32 log-softmax, TRL's head accumulates in float32).
 
 What differs is each side's own machinery. Ours (``train_sft_lora.summed_token_nll``) packs the
 micro-batch into one sequence without padding (segment attention, ``coderl.logprobs``), runs the
-output head and log-softmax on the target positions only, and draws LoRA's dropout as gaps
-between dropped elements (``coderl.dropout``); without dropout it also runs the chat template's
-opening once per micro-batch. TRL right-pads the rows, and its fused head
-(``add_fused_lm_head``) on CPU scores every position in vocabulary chunks and also computes
-entropy and top-1 accuracy. Dropout: both sides drop each element of every LoRA input with the
-same probability, independently, but not with the same masks (ours draws no masks for padding, and
-other random numbers): from the second step on the losses differ by that noise (a fresh LoRA's B
-is zero, so the first step's forward does not depend on dropout). With ``--lora_dropout 0`` both
-sides compute the same function at every step, and the losses of all steps agree (the largest
-relative difference is printed).
+output head and log-softmax on the target positions only, draws LoRA's dropout as gaps between
+dropped elements (``coderl.dropout``), and without dropout runs the chat template's opening once
+per micro-batch. TRL right-pads the rows; its fused head (``add_fused_lm_head``) on CPU scores
+every position in vocabulary chunks and also computes entropy and top-1 accuracy. Both drop each
+element of every LoRA input independently with the same probability, but not with the same masks
+(ours draws none for padding, and other random numbers): from the second step on the losses differ
+by that noise (a fresh LoRA's B is zero: the first step's forward does not depend on dropout). With
+``--lora_dropout 0`` both compute the same function at every step and all steps' losses agree (the
+largest relative difference is printed).
 
-Where the time goes: forward (ours: ``summed_token_nll``; TRL: ``compute_loss``, its metrics
-included), backward (``accelerator.backward`` on both) and the rest (collation, clipping, the
-optimizer, bookkeeping; for TRL, its data loading and logging too: TRL's step is timed from the end
-of our previous step to its ``on_step_end``).
+Where the time goes: forward (ours: ``summed_token_nll``; TRL: ``compute_loss``, metrics included),
+backward (``accelerator.backward``) and the rest (collation, clipping, the optimizer, bookkeeping;
+for TRL its data loading and logging too, see ``interleaved``).
 
-Peak RSS (``ru_maxrss``, ``bench/peak_rss.py``): before each side's step, freed memory is handed
-back to the system (glibc ``malloc_trim``) and the high-water mark is reset
-(``/proc/self/clear_refs``), so each side's figure is the process's peak during its own steps.
-Both models stay resident, so that peak holds the other side's weights too; the part above the
-step's starting RSS is that side's own working memory (activations, logits, gradients).
+Peak RSS (``ru_maxrss``, ``bench/peak_rss.py``): before each side's step freed memory goes back to
+the system (glibc ``malloc_trim``) and the high-water mark is reset (``/proc/self/clear_refs``), so
+each side's figure is the process's peak during its own steps, which holds the other side's
+resident weights too; the part above the step's starting RSS is that side's own working memory
+(activations, logits, gradients).
 
     python bench/bench_sft_step.py                          # tiny model, 2 warm-up + 5 steps each
     python bench/bench_sft_step.py --model checkpoints/smollm2-135m-instruct --steps 5 \\
@@ -241,15 +236,8 @@ class Ours:
         from train_sft_lora import train_step
 
         self.clock.reset()
-        metrics = train_step(
-            self.run,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            micro_batches,
-            self.pad_id,
-            MAX_GRAD_NORM,
-        )
+        state = (self.run, self.model, self.optimizer, self.scheduler)
+        metrics = train_step(*state, micro_batches, self.pad_id, MAX_GRAD_NORM)
         self.clock.loss = metrics["train/loss"]
         return metrics
 
@@ -469,11 +457,9 @@ def interleaved(args: BenchArgs, trainer, trl_clock: StepClock, ours: Ours, step
     return records
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def summarize(args: BenchArgs, records: dict, setup_rss: float, rss_per_step: bool) -> dict:
+    from bench_rl_step import median  # the same median (NaN for no values)
+
     examples_per_step = args.batch_size * args.accumulation
     out = {"settings": dataclasses.asdict(args), "torch_threads": torch.get_num_threads()}
     for side in ("ours", "trl"):
@@ -564,9 +550,8 @@ def main(argv=None) -> None:
                 raise UserError(
                     f"--model {model_dir}: a folder without config.json that is not empty"
                 )
-            build_model(
-                model_dir, tasks, 0, seed=args.seed
-            )  # random init: SFT needs no pre-training
+            # random init: SFT needs no pre-training
+            build_model(model_dir, tasks, 0, seed=args.seed)
         ours, tokenizer = build_ours(args, model_dir, workdir)
         data = build_examples(tasks, tokenizer, args.prompt_mode, max_length=1024, overlong="drop")
         if not data.examples:

@@ -35,6 +35,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(build_tiny_model(out, **TINY_TEST_MODEL, max_corpus_bytes=200_000))
 
 
+@pytest.fixture(scope="session")
+def model_and_tokenizer(tiny_model_dir):
+    """The tiny model and its tokenizer, loaded once (the generation tests share them)."""
+    from coderl.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
 REAL_MODEL_COMMAND = (
     "python prepare_model.py smollm2-135m-instruct --out_dir checkpoints/smollm2-135m-instruct"
 )

