@@ -43,6 +43,17 @@ def script_env() -> dict[str, str]:
     return env
 
 
+def run_args(root: Path, name: str) -> list[str]:
+    """A training script's output options as the tests use them: the run writes ``root/name``,
+    logs under ``root/runs`` as ``name`` (what :func:`read_run` reads), and reports to no tracker."""
+    return [
+        "--output_dir", str(root / name),
+        "--logging_dir", str(root / "runs"),
+        "--run_name", name,
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
 def run_script(script: str, args: list[str], cwd: Path, timeout: float = 600):
     """Run one of the top-level scripts as a user would; the completed process is returned."""
     return subprocess.run(

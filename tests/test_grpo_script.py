@@ -15,7 +15,7 @@ import pytest
 import torch
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
-from tests.helpers import REPO, run_script, script_env
+from tests.helpers import REPO, run_args, run_script, script_env
 
 SCRIPT = REPO / "train_grpo_lora.py"
 
@@ -34,10 +34,7 @@ def train_steps(run_dir: Path) -> dict[int, dict]:
 def grpo_args(out: Path, name: str, train_file: Path, *extra: str) -> list[str]:
     return [
         "--train_file", str(train_file),
-        "--output_dir", str(out / name),
-        "--logging_dir", str(out / "runs"),
-        "--run_name", name,
-        "--report_to", "none",
+        *run_args(out, name),
         "--quantization", "none",
         "--sandbox_workers", "2",
         "--seed", "3",

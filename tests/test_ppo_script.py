@@ -20,7 +20,7 @@ from coderl.rewards import RewardArgs
 from coderl.value_model import VALUE_HEAD_FILE
 from tests.helpers import PPO_SEQUENCE as SEQUENCE
 from tests.helpers import PPO_TOKEN as TOKEN
-from tests.helpers import adapter_tensors, read_run, run_script, write_toy_tasks
+from tests.helpers import adapter_tensors, read_run, run_args, run_script, write_toy_tasks
 
 # Fixtures toy_data_dir, sft_run and sft_adapter_dir come from conftest (its plugin): one
 # session-wide SFT run shared with the other modules.
@@ -117,10 +117,7 @@ def script_args(inputs: Inputs, name: str, variant: str, *extra: str) -> list[st
     return [
         "--model", str(inputs.model),
         "--train_file", str(inputs.train_file),
-        "--output_dir", str(inputs.root / name),
-        "--logging_dir", str(inputs.root / "runs"),
-        "--run_name", name,
-        "--report_to", "none",
+        *run_args(inputs.root, name),
         "--variant", variant,
         "--max_steps", "2",
         "--batch_size", "3",

@@ -37,7 +37,7 @@ from coderl.errors import UserError
 from coderl.run import FIXED_ON_RESUME, check_resume_settings, parse_allow_changed
 from coderl.runlog import cut_logs
 from coderl.tasks import load_tasks, write_jsonl
-from tests.helpers import REPO, script_env
+from tests.helpers import REPO, run_args, script_env
 
 # Fixtures tiny_model_dir, toy_data_dir and sft_adapter_dir come from conftest (its plugin).
 
@@ -57,10 +57,7 @@ def trainer_args(kind: str, tiny_model_dir: str, files: SimpleNamespace, root: P
     common = [
         "--model", str(tiny_model_dir),
         "--quantization", "none",
-        "--output_dir", str(root / name),
-        "--logging_dir", str(root / "runs"),
-        "--run_name", name,
-        "--report_to", "none",
+        *run_args(root, name),
         "--max_steps", "4",
         "--save_every", "2",
         "--seed", "5",

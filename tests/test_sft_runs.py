@@ -17,7 +17,15 @@ from coderl.models import load_tokenizer
 from coderl.runlog import read_metrics
 from coderl.tasks import load_tasks, write_jsonl
 from coderl.training import TaskStream
-from tests.helpers import REPO, adapter_tensors, read_run, run_script, script_env, write_toy_tasks
+from tests.helpers import (
+    REPO,
+    adapter_tensors,
+    read_run,
+    run_args,
+    run_script,
+    script_env,
+    write_toy_tasks,
+)
 
 
 def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> list[str]:
@@ -25,10 +33,7 @@ def base_args(tiny_model_dir, train_file: Path, tmp_path: Path, name: str) -> li
         "--model", str(tiny_model_dir),
         "--quantization", "none",
         "--train_file", str(train_file),
-        "--output_dir", str(tmp_path / name),
-        "--logging_dir", str(tmp_path / "runs"),
-        "--run_name", name,
-        "--report_to", "none",
+        *run_args(tmp_path, name),
         "--learning_rate", "3e-3",
         "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "2",

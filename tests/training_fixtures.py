@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import run_args, run_script
 
 # Cheap on purpose (seconds of training on one core): enough for the loss to fall well below its
 # start and for the adapter to move, not a tuned model (greedy pass@1 on held-out toy tasks is
@@ -68,10 +68,7 @@ def sft_run(tiny_model_dir, toy_data_dir, tmp_path_factory) -> SFTRun:
         "--model", str(tiny_model_dir),
         "--quantization", "none",
         "--train_file", str(toy_data_dir / "toy_python_train.jsonl"),
-        "--output_dir", str(root / "sft"),
-        "--logging_dir", str(root / "runs"),
-        "--run_name", "sft",
-        "--report_to", "none",
+        *run_args(root, "sft"),
         *SFT_FIXTURE_ARGS,
     ]  # fmt: skip
     proc = run_script("train_sft_lora.py", args, cwd=root)
