@@ -143,7 +143,13 @@ class EvalArgs:
         default=256, metadata={"help": "Generation budget per sample.", "range": "[1, inf)"}
     )
     batch_size: int = field(
-        default=8, metadata={"help": "Prompts per generation batch.", "range": "[1, inf)"}
+        default=8,
+        metadata={
+            "help": "Sequences per generation batch (a sampled task counts --n_samples times, a "
+            "greedy one once). Tasks go in chunks of that many sequences: a chunk is scored "
+            "while the next one generates, and a resumed run starts after the last chunk saved.",
+            "range": "[1, inf)",
+        },
     )
     prompt_mode: str = field(
         default="base",
@@ -462,7 +468,8 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
 
     from tqdm.auto import tqdm
 
-    chunk = max(args.batch_size, 1)
+    copies = args.n_samples if args.temperature > 0 else 1  # greedy: once per task
+    chunk = max(args.batch_size // copies, 1)
     pending = None  # (future, samples) of the previous chunk, scored while this one generates
     bar = tqdm(total=len(todo), desc=f"eval {Path(model_name).name}", unit="task")
     for start in range(0, len(todo), chunk):

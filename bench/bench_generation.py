@@ -3,9 +3,10 @@
 Three paths on the same batch (``--num_prompts`` toy Python function tasks, one generate call of
 that many rows, left-padded alike) and the same seeds:
 
-* ``new``: the module as it is: one inverse-CDF draw for the whole batch from per-row uniform
-  streams (each row reproducible whatever the batch), and one Rust-level decode per live row per
-  step for the stop strings;
+* ``new``: the module as it is: its own decode loop over the key/value cache, one inverse-CDF
+  draw for the whole batch from per-row uniform streams (each row reproducible whatever the
+  batch), one Rust-level decode per live row per step for the stop strings, and finished rows
+  dropped from the batch;
 * ``hf``: what a user would otherwise write: plain ``model.generate`` with its own sampling
   (``do_sample=True``, temperature, top-p, ``top_k=0``) and its own ``stop_strings``
   (:func:`hf_generate_batch`); one random stream for the batch, so not reproducible per row;
@@ -15,8 +16,11 @@ that many rows, left-padded alike) and the same seeds:
   and a stopping criterion that decodes every row's tail once per stop string per step.
 
 They alternate old, new, hf, old, new, hf... so that a change in machine load hits all alike.
-Every row generates exactly ``--max_new_tokens`` tokens: the end tokens are masked out of the
-logits by a hook on the output head. With ``--stops base`` (the default) the base-mode stop
+By default every row generates exactly ``--max_new_tokens`` tokens: the end tokens are masked out
+of the logits by a hook on the output head. ``--ends natural`` lets rows end where the model ends
+them, as evaluation and rollouts do: there ``new`` drops finished rows, while ``model.generate``
+carries them to the end of the batch; tokens counted are those sampled (end tokens included),
+the same for every path in the greedy setting. With ``--stops base`` (the default) the base-mode stop
 strings stay on (on a random model they rarely match, so the criteria pay their full price every
 step); a real model would match them and end rows early, so give it ``--stops none``. Two
 settings: sampling (``--temperature``, ``--top_p``) and greedy. Greedy outputs of the three paths
@@ -29,6 +33,8 @@ machine).
     OMP_NUM_THREADS=1 python bench/bench_generation.py --model /tmp/gen-tiny --repeats 5
     python bench/bench_generation.py --model checkpoints/smollm2-135m-instruct --stops none \
         --num_prompts 16
+    python bench/bench_generation.py --model checkpoints/smollm2-135m-instruct --ends natural \
+        --num_prompts 32 --max_new_tokens 128
 
 The old path can stand in for the new one anywhere, e.g. to time a whole RL step before and
 after (``bench/bench_rl_step.py``)::
@@ -83,6 +89,17 @@ class BenchOptions:
             "help": "Stop strings: 'base' (the base-mode ones, rarely matched by a random model) "
             "or 'none' (for a real model, which would match them and end rows early).",
             "choices": ["base", "none"],
+        },
+    )
+    ends: str = field(
+        default="suppressed",
+        metadata={
+            "help": "'suppressed': the end tokens are masked out, so every row runs to "
+            "--max_new_tokens (tokens per second of a full batch); 'natural': rows end where "
+            "the model ends them (end token or stop string), at different lengths, as in "
+            "evaluation and rollouts; every path decodes the same greedy rows, so the greedy "
+            "ratio is a ratio of times for the same work.",
+            "choices": ["suppressed", "natural"],
         },
     )
     output: str = field(default="", metadata={"help": "Write the figures to this JSON file."})
@@ -160,13 +177,28 @@ def reference_generate_batch(
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def plain_generation_config(model, eos_ids: set[int], pad_id: int):
+    """Swap in a generation config with only our special ids, so the model's shipped defaults
+    (repetition penalty, top-k, temperature...) cannot slip into ``generate``."""
+    from transformers import GenerationConfig
+
+    base = generation.unwrap_model(model)  # a peft wrapper generates with its base model's config
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
 def _generate_rows(model, tokenizer, prompts, stops, cfg, end_ids, pad_id, /, **decoding):
     """One ``model.generate`` call on the left-padded batch under the plain generation config,
     each row finished (cut, end id) as ``coderl.generation`` finishes it. ``decoding`` may hold
     ``tokenizer`` too (for ``stop_strings``): the arguments before it are positional only."""
     device = next(model.parameters()).device
     input_ids, mask = generation._left_pad(prompts, pad_id, device)
-    with generation._plain_generation_config(model, end_ids, pad_id), torch.no_grad():
+    with plain_generation_config(model, end_ids, pad_id), torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -248,26 +280,27 @@ def race(model, tokenizer, tasks, cfg, opts: BenchOptions) -> dict:
     wall: dict[str, list[float]] = {side: [] for side in SIDES}
     cpu: dict[str, list[float]] = {side: [] for side in SIDES}
     outputs: dict[str, list] = {}
-    tokens = len(tasks) * cfg.max_new_tokens
+    full = len(tasks) * cfg.max_new_tokens
+    made: dict[str, int] = {}
     for call in range(opts.warmup + opts.repeats):
         for side in SIDES:
             elapsed, busy, completions = timed_generate(
                 model, tokenizer, tasks, cfg, opts.seed, side
             )
-            made = sum(c.num_tokens for c in completions)
-            if made != tokens:
+            made[side] = sum(len(c.sampled_ids) for c in completions)  # end tokens included
+            if opts.ends == "suppressed" and made[side] != full:
                 raise RuntimeError(
-                    f"{side}: {made} tokens, expected every row to run to the end "
+                    f"{side}: {made[side]} tokens, expected every row to run to the end "
                     "(a stop string matched: try --stops none)"
                 )
             outputs[side] = completions
             if call >= opts.warmup:
                 wall[side].append(elapsed)
                 cpu[side].append(busy)
-    result: dict = {"tokens": tokens, "wall_seconds": wall, "cpu_seconds": cpu}
+    result: dict = {"tokens": made, "wall_seconds": wall, "cpu_seconds": cpu}
     for side in SIDES:
-        result[side] = tokens / statistics.median(wall[side])
-        result[f"{side}_per_cpu_second"] = tokens / statistics.median(cpu[side])
+        result[side] = made[side] / statistics.median(wall[side])
+        result[f"{side}_per_cpu_second"] = made[side] / statistics.median(cpu[side])
     for other in ("old", "hf"):
         result[f"ratio_new_over_{other}"] = result["new"] / result[other]
         result[f"cpu_ratio_new_over_{other}"] = (
@@ -289,7 +322,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load_tiny_model(opts.model, Path(tmp))
-    suppress_end_tokens(model, generation.end_token_ids(model, tokenizer))
+    if opts.ends == "suppressed":
+        suppress_end_tokens(model, generation.end_token_ids(model, tokenizer))
     tasks = toy_tasks(opts.num_prompts, opts.seed)
     stop = None if opts.stops == "base" else ()
     settings = {
@@ -306,8 +340,8 @@ def main(argv=None) -> None:
     }
     summary = {"options": asdict(opts), "torch": torch.__version__, "threads": opts.threads}
     print(
-        f"{opts.num_prompts} prompts x {opts.max_new_tokens} new tokens, {opts.threads} "
-        f"thread(s), stop strings: {opts.stops}"
+        f"{opts.num_prompts} prompts x {opts.max_new_tokens} new tokens at most, {opts.threads} "
+        f"thread(s), stop strings: {opts.stops}, end tokens: {opts.ends}"
     )
     print(
         "| setting | old tokens/s | hf tokens/s | new tokens/s | new / old | new / hf | "

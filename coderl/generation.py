@@ -9,8 +9,8 @@ completion (the start of the next top-level statement: ``"\\ndef "``, ``"\\nclas
 ``SamplingConfig.stop`` given explicitly replaces these defaults for every task. An end token (the
 tokenizer's EOS, every id in the model's generation config, and the chat template's end-of-turn,
 e.g. ``<|im_end|>``) always ends a completion; it is not part of the text, and
-``Completion.end_id`` records which one it was, so that training credits the token sampled. A :class:`~transformers.StoppingCriteria` ends each finished row
-early; ``truncated`` means the completion hit ``max_new_tokens`` with no EOS and no stop.
+``Completion.end_id`` records which one it was, so that training credits the token sampled.
+``truncated`` means the completion hit ``max_new_tokens`` with no EOS and no stop.
 
 Token ids. ``Completion.token_ids`` is always a prefix of the ids the row sampled
 (``Completion.sampled_ids``), never a re-encoding: the shortest prefix whose decoding covers the
@@ -31,21 +31,26 @@ step t the row takes the token where its cumulative :func:`sampling_probs` first
 their total (inverse-CDF sampling, the whole batch in one tensor operation,
 :func:`inverse_cdf_sample`). So a completion does not depend on which other completions share its
 batch (up to floating-point differences from padding), its uniforms are the same on every device,
-and its first k tokens do not depend on ``max_new_tokens``. Greedy results are identical across batch sizes (left
-padding with explicit position ids from the attention mask). The model's own generation defaults
-(repetition penalty, top-k, ...) are switched off for the call; the model is put in eval mode and
-its mode restored afterwards.
+and its first k tokens do not depend on ``max_new_tokens``. Greedy results are identical across
+batch sizes in float32 (left padding with explicit position ids from the attention mask); in
+bfloat16 the CPU's matrix kernels may round a row differently for another number of rows, so
+a batch size (and the rows that leave) can flip a near-tie. The model's own generation defaults
+(repetition penalty, top-k, ...) play no part (only its end ids are read); the model is put in
+eval mode and its mode restored afterwards.
 
-Speed. ``model.generate`` (greedy, KV cache) runs the decode loop; the sampler is a logits
-processor that leaves only the drawn token allowed, and the stop strings are a stopping criterion
-that decodes each live row's last few tokens once per step with the tokenizer's Rust backend
-(``bench/bench_generation.py`` measures it against plain ``model.generate``).
+Speed. Our own decode loop over a key/value cache (:class:`GrowingCache`: each step written in
+place) runs each batch: one forward pass per step on the rows still running, the output head on
+the last position only. A row ends at an end token, at a stop string (each live row's last few
+tokens decoded once per step with the tokenizer's Rust backend) or at ``max_new_tokens``; finished
+rows leave the batch, and the cache, once they are :data:`DROP_SHARE` of it, so a batch no longer
+runs at full width to its longest answer. Greedy rows are ``model.generate``'s token for token
+(tested on the tiny and the real model); ``bench/bench_generation.py`` measures the speed against
+it.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -153,21 +158,6 @@ def end_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _plain_generation_config(model, eos_ids: set[int], pad_id: int) -> Iterator[None]:
-    """Swap in a generation config with only our special ids, so the model's shipped defaults
-    (repetition penalty, top-k, temperature...) cannot slip into ``generate``."""
-    from transformers import GenerationConfig
-
-    base = unwrap_model(model)  # a peft wrapper generates with its base model's config
-    saved = base.generation_config
-    base.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=pad_id)
-    try:
-        yield
-    finally:
-        base.generation_config = saved
-
-
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -219,30 +209,6 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.searchsorted(cdf, threshold, right=True)[:, 0]  # how many cdf <= threshold
 
 
-def _sampling_logits_processor(
-    uniforms: torch.Tensor, prompt_width: int, temperature: float, top_p: float
-):
-    from transformers import LogitsProcessor
-
-    class PerRowSampler(LogitsProcessor):
-        """Samples each row with its own uniform stream and returns logits that allow only that
-        token.
-
-        ``generate`` then runs in greedy mode and picks exactly these tokens, so each row's draws
-        depend on its own seed only, not on the batch it shares.
-        """
-
-        def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-            step = input_ids.shape[1] - prompt_width
-            probs = sampling_probs(scores, temperature, top_p)
-            chosen = inverse_cdf_sample(probs, uniforms[:, step])
-            only_chosen = torch.full_like(scores, float("-inf"))
-            only_chosen.scatter_(1, chosen[:, None], 0.0)
-            return only_chosen
-
-    return PerRowSampler()
-
-
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next-token probabilities after temperature and nucleus (top-p) filtering, per row."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -255,39 +221,24 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def _stop_criteria(
-    tokenizer, stops_per_row: list[tuple[str, ...]], prompt_width: int, end_ids: set[int]
-):
-    from transformers import StoppingCriteria
+class _StopStrings:
+    """Whether a row's generated text contains one of its stop strings yet.
 
-    class StopStrings(StoppingCriteria):
-        """A row is done once its generated text contains one of its stop strings.
+    Only the row's last few tokens are decoded: a stop string that ends in the newest token starts
+    at most ``len(stop in bytes)`` tokens back, since every token is at least one byte. A row is
+    decoded once per step whatever its number of stops, with the tokenizer's Rust backend.
+    """
 
-        Only the last few tokens are decoded: a stop string that ends in the newest token starts at
-        most ``len(stop in bytes)`` tokens back, since every token is at least one byte. A row is
-        decoded once per step whatever its number of stops, and no longer once it is done (by a
-        stop or an end token): ``generate`` keeps a finished row finished whatever we return.
-        """
+    def __init__(self, tokenizer, stops_per_row: list[tuple[str, ...]]):
+        longest = max((len(s.encode()) for stops in stops_per_row for s in stops), default=0)
+        self.window = longest + 1
+        self.decode = fast_decoder(tokenizer)
 
-        def __init__(self):
-            longest = max((len(s.encode()) for stops in stops_per_row for s in stops), default=0)
-            self.window = longest + 1
-            self.done = [False] * len(stops_per_row)
-            self.decode = fast_decoder(tokenizer)
-
-        def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-            tails = input_ids[:, prompt_width:][:, -self.window :].tolist()
-            for row, (tail, stops) in enumerate(zip(tails, stops_per_row)):
-                if self.done[row] or not stops:
-                    continue
-                if tail[-1] in end_ids:  # generate has ended this row already
-                    self.done[row] = True
-                    continue
-                text = self.decode(tail)
-                self.done[row] = any(s in text for s in stops)
-            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    return StopStrings()
+    def met(self, generated: list[int], stops: tuple[str, ...]) -> bool:
+        if not stops:
+            return False
+        text = self.decode(generated[-self.window :])
+        return any(s in text for s in stops)
 
 
 def fast_decoder(tokenizer) -> Callable[[list[int]], str]:
@@ -362,22 +313,21 @@ def finish_completion(
     return FinishedRow(text, generated, reason, end_id, sampled)
 
 
-def growing_cache(model) -> dict:
-    """The generate argument that gives it a :class:`GrowingCache` (``{}``: the default cache,
-    for a model with sliding-window layers or a transformers without this cache API)."""
-    from coderl.logprobs import cache_argument
-
+def new_cache(model) -> Cache:
+    """An empty key/value cache for ``model``: a :class:`GrowingCache`, or the default
+    ``DynamicCache`` for a model with sliding-window layers (or a transformers whose ``Cache``
+    takes no layer class)."""
     config = unwrap_model(model).config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     sliding = getattr(config, "sliding_window", None) and getattr(
         config, "use_sliding_window", True
     )
-    if sliding or any(kind != "full_attention" for kind in layer_types):
-        return {}
-    try:
-        return {cache_argument(model): GrowingCache()}
-    except TypeError:  # a transformers 5.x whose Cache takes no layer class
-        return {}
+    if not sliding and all(kind == "full_attention" for kind in layer_types):
+        try:
+            return GrowingCache()
+        except TypeError:
+            pass
+    return DynamicCache(config=config)
 
 
 class GrowingLayer(DynamicLayer):
@@ -404,12 +354,25 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = keys[..., : length + n, :], values[..., : length + n, :]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices``, with the same room to grow."""
+        if self.get_seq_length() == 0 or self.buffers is None:
+            return super().batch_select_indices(indices)
+        length = self.get_seq_length()
+        self.buffers = tuple(buffer[indices] for buffer in self.buffers)
+        self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
+
 
 class GrowingCache(DynamicCache):
     """A ``DynamicCache`` of :class:`GrowingLayer` layers."""
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+#: A batch drops its finished rows once they are at least this share of it (each drop copies the
+#: key/value cache of the rows kept, about what one decode step reads).
+DROP_SHARE = 0.125
 
 
 def _generate_batch(
@@ -422,33 +385,58 @@ def _generate_batch(
     end_ids: set[int],
     pad_id: int,
 ) -> list[FinishedRow]:
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    """Decode one left-padded batch: greedy or inverse-CDF sampled from each row's uniforms, each
+    row ended by an end token, a stop string or ``max_new_tokens``; finished rows leave the batch
+    (and the cache) as soon as they are :data:`DROP_SHARE` of it."""
+    from coderl.logprobs import cache_argument
 
     device = next(model.parameters()).device
     input_ids, mask = _left_pad(prompts, pad_id, device)
-    prompt_width = input_ids.shape[1]
-    processors = LogitsProcessorList()
+    positions = _positions(mask)
+    uniforms = None
     if cfg.temperature > 0:
         uniforms = row_uniforms(seeds, cfg.max_new_tokens, device)
-        processors.append(
-            _sampling_logits_processor(uniforms, prompt_width, cfg.temperature, cfg.top_p)
-        )
-    criteria = StoppingCriteriaList()
-    if any(stops):
-        criteria.append(_stop_criteria(tokenizer, stops, prompt_width, end_ids))
-    with _plain_generation_config(model, end_ids, pad_id), torch.no_grad():
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            **growing_cache(model),
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,  # a model trained with gradient checkpointing may have it off
-            logits_processor=processors,
-            stopping_criteria=criteria,
-        )
-    generated = sequences[:, input_ids.shape[1] :].tolist()
+    stop_strings = _StopStrings(tokenizer, stops)
+    generated: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # batch row -> prompt index
+    done = [False] * len(live)
+    cache = {cache_argument(model): new_cache(model)}
+    step_ids = input_ids
+    with torch.no_grad():
+        for step in range(cfg.max_new_tokens):
+            logits = (
+                model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,  # a model trained with gradient checkpointing may have it off
+                    logits_to_keep=1,
+                    **cache,
+                )
+                .logits[:, -1, :]
+                .float()
+            )
+            if uniforms is None:
+                tokens = logits.argmax(-1)
+            else:
+                probs = sampling_probs(logits, cfg.temperature, cfg.top_p)
+                tokens = inverse_cdf_sample(probs, uniforms[live, step])
+            for b, token in enumerate(tokens.tolist()):
+                if not done[b]:
+                    row = generated[live[b]]
+                    row.append(token)
+                    done[b] = token in end_ids or stop_strings.met(row, stops[live[b]])
+            if all(done):
+                break
+            if sum(done) >= max(1.0, DROP_SHARE * len(live)):
+                keep = [b for b, finished in enumerate(done) if not finished]
+                index = torch.tensor(keep, device=device)
+                next(iter(cache.values())).batch_select_indices(index)
+                mask, positions, tokens = mask[index], positions[index], tokens[index]
+                live, done = [live[b] for b in keep], [False] * len(keep)
+            step_ids = tokens[:, None]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            positions = positions[:, -1:] + 1
     return [finish_completion(tokenizer, row, end_ids, s) for row, s in zip(generated, stops)]
 
 

@@ -118,6 +118,29 @@ def recorded_inputs(model):
         handle.remove()
 
 
+def hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Plain ``model.generate`` greedy on the left-padded batch, each row cut at its first end id."""
+    from transformers import GenerationConfig
+
+    from coderl.generation import end_token_ids
+
+    end_ids = end_token_ids(model, tokenizer)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=sorted(end_ids),
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    rows = out[:, width:].tolist()
+    return [row[: next((i for i, t in enumerate(row) if t in end_ids), len(row))] for row in rows]
+
+
 def ids(tokenizer, text: str) -> list[int]:
     """The ids of ``text`` alone, without the special tokens the tokenizer may add."""
     return tokenizer.encode(text, add_special_tokens=False)

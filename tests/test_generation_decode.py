@@ -17,7 +17,6 @@ from coderl.generation import (
     Completion,
     SamplingConfig,
     decode,
-    end_token_ids,
     fast_decoder,
     generate,
     inverse_cdf_sample,
@@ -27,7 +26,7 @@ from coderl.generation import (
 )
 from coderl.models import load_model
 from coderl.prompts import encode_prompt, render_prompt
-from tests.helpers import FUNCTION_TASKS, STDIO_CPP, ids, recorded_inputs
+from tests.helpers import FUNCTION_TASKS, STDIO_CPP, hf_greedy, ids, recorded_inputs
 
 # --------------------------------------------------------------------------------------------------
 # Batching, seeds, log-probs (the real random model)
@@ -63,27 +62,6 @@ def test_greedy_results_do_not_depend_on_batch_size(model_and_tokenizer):
     assert reference[0].token_ids == reference[1].token_ids
 
 
-def _hf_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Plain ``model.generate`` greedy on the left-padded batch, each row cut at its first end id."""
-    from transformers import GenerationConfig
-
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    end_ids = end_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=sorted(end_ids),
-    )
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-    rows = out[:, width:].tolist()
-    return [row[: next((i for i, t in enumerate(row) if t in end_ids), len(row))] for row in rows]
-
-
 def _plain_substring(text: str, start: int, size: int = 3) -> str:
     """The first ``size`` characters of ``text`` from ``start`` on without a replacement char."""
     for i in range(start, len(text) - size + 1):
@@ -103,7 +81,7 @@ def test_greedy_equals_hf_generate_token_for_token_and_stops_end_it_in_time(mode
     prompts = [encode_prompt(tokenizer, t["prompt"]) for t in tasks]
     assert len({len(p) for p in prompts}) == len(tasks)
     steps = 24
-    reference = _hf_greedy(model, tokenizer, prompts, steps)
+    reference = hf_greedy(model, tokenizer, prompts, steps)
     cfg = SamplingConfig(max_new_tokens=steps, batch_size=len(tasks), stop=())
     ours = generate(model, tokenizer, tasks, cfg)
     assert [c.token_ids for c in ours] == reference
@@ -127,6 +105,42 @@ def test_greedy_equals_hf_generate_token_for_token_and_stops_end_it_in_time(mode
         assert completion.finish_reason == "stop"
         assert decode(tokenizer, completion.token_ids).startswith(completion.text)
         assert completion.token_ids == completion.sampled_ids[: completion.num_tokens]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_leave_the_batch_without_changing_any_row(
+    model_and_tokenizer, monkeypatch, temperature
+):
+    """Rows that end at different depths (stop strings taken from each row's own free-running
+    text) leave the batch as they finish: the forward passes see fewer and fewer rows, and every
+    row's tokens are what it generates when no row ever leaves (greedy and sampled)."""
+    import coderl.generation as generation
+
+    model, tokenizer = model_and_tokenizer
+    free_cfg = SamplingConfig(
+        max_new_tokens=24, temperature=temperature, n=2, batch_size=10, stop=()
+    )
+    free = generate(model, tokenizer, FUNCTION_TASKS, free_cfg, seed=4)
+    texts = [c.text for c in free]
+    stops = tuple(_plain_substring(text, 5 + 2 * (r % 6)) for r, text in enumerate(texts))
+    cfg = dataclasses.replace(free_cfg, stop=stops)
+    with recorded_inputs(model) as forward_calls:
+        dropping = generate(model, tokenizer, FUNCTION_TASKS, cfg, seed=4)
+    rows = len(FUNCTION_TASKS) * (1 if temperature == 0 else 2)  # greedy: one row per task
+    rows_per_pass = [call.shape[0] for call in forward_calls]
+    assert rows_per_pass[0] == rows and len(set(rows_per_pass)) >= 3
+    assert rows_per_pass == sorted(rows_per_pass, reverse=True)
+    monkeypatch.setattr(generation, "DROP_SHARE", 2.0)  # never drop
+    with recorded_inputs(model) as forward_calls:
+        keeping = generate(model, tokenizer, FUNCTION_TASKS, cfg, seed=4)
+    assert {call.shape[0] for call in forward_calls} == {rows}
+    assert sum(c.finish_reason == "stop" for c in dropping) >= 8  # greedy: 5 rows, each twice
+    assert [c.sampled_ids for c in dropping] == [c.sampled_ids for c in keeping]
+    assert [(c.text, c.finish_reason) for c in dropping] == [
+        (c.text, c.finish_reason) for c in keeping
+    ]
+    for cut, whole in zip(dropping, free):
+        assert cut.sampled_ids == whole.sampled_ids[: len(cut.sampled_ids)]
 
 
 def test_ids_kept_at_a_stop_are_the_ids_sampled_without_stops(model_and_tokenizer):
@@ -307,9 +321,9 @@ def test_the_growing_cache_holds_what_concatenation_holds(model_and_tokenizer):
     steps past two reallocations, a batch selection (what beam search does to a cache), more
     steps; the keys and values read back are equal every time. ``generate`` gives the model one,
     and its completions are the default cache's, token for token."""
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    from coderl.generation import GrowingCache, GrowingLayer, growing_cache
+    from coderl.generation import GrowingCache, GrowingLayer, new_cache
 
     g = torch.Generator().manual_seed(0)
     ours, reference = GrowingLayer(), DynamicLayer()
@@ -329,15 +343,15 @@ def test_the_growing_cache_holds_what_concatenation_holds(model_and_tokenizer):
     assert ours.get_seq_length() == reference.get_seq_length() == 148
 
     model, tokenizer = model_and_tokenizer
-    assert isinstance(next(iter(growing_cache(model).values())), GrowingCache)
+    assert isinstance(new_cache(model), GrowingCache)
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, n=3, batch_size=6, stop=())
     with_growing = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
     import coderl.generation as generation
 
-    original = generation.growing_cache
-    generation.growing_cache = lambda model: {}
+    original = generation.new_cache
+    generation.new_cache = lambda model: DynamicCache()
     try:
         default = generate(model, tokenizer, FUNCTION_TASKS[:4], cfg, seed=5)
     finally:
-        generation.growing_cache = original
+        generation.new_cache = original
     assert [c.sampled_ids for c in with_growing] == [c.sampled_ids for c in default]

@@ -18,14 +18,16 @@ import torch
 import prepare_model
 from coderl.generation import SamplingConfig, decode, end_token_ids, generate
 from coderl.models import load_model
-from coderl.prompts import chat_end_of_turn_id, completion_end_id
+from coderl.prompts import chat_end_of_turn_id, completion_end_id, encode_prompt, render_prompt
 from coderl.rollouts import action_ids
 from coderl.tasks import load_tasks
 from tests.helpers import (
     adapter_tensors,
     correlation,
+    hf_greedy,
     humaneval_tasks,
     load_agreement_module,
+    recorded_inputs,
     write_toy_tasks,
 )
 
@@ -87,6 +89,25 @@ def test_chat_template_and_end_ids_of_the_real_tokenizer(real):
     assert chat_end_of_turn_id(tokenizer) == im_end
     assert completion_end_id(tokenizer, "instruct") == im_end
     assert {im_end, end_of_text} <= end_token_ids(model, tokenizer)  # both end a completion
+
+
+def test_greedy_answers_that_end_early_leave_the_batch_and_equal_hf_generate(real, toy_data_dir):
+    """Chat prompts whose answers end with an end token at different lengths: the rows that have
+    ended leave the batch (the forward passes see fewer rows), and every answer is exactly
+    ``model.generate``'s greedy one on the same left-padded batch."""
+    model, tokenizer = real
+    tasks = load_tasks(toy_data_dir / "toy_python_test.jsonl")[:6]
+    cfg = SamplingConfig(max_new_tokens=64, batch_size=6, prompt_mode="instruct")
+    with recorded_inputs(model) as forward_calls:
+        ours = generate(model, tokenizer, tasks, cfg)
+    rows_per_pass = [call.shape[0] for call in forward_calls]
+    assert rows_per_pass[0] == 6 and rows_per_pass[-1] < 6
+    assert len({c.num_tokens for c in ours if c.finish_reason == "eos"}) >= 2
+    # generate() orders a batch longest prompt first; the reference gets the same order
+    prompts = [encode_prompt(tokenizer, render_prompt(t, tokenizer, "instruct")) for t in tasks]
+    order = sorted(range(len(tasks)), key=lambda i: -len(prompts[i]))
+    reference = hf_greedy(model, tokenizer, [prompts[i] for i in order], cfg.max_new_tokens)
+    assert [ours[i].token_ids for i in order] == reference
 
 
 def assert_trained_ids_are_sampled_ids(completions, end_ids: set[int], tokenizer) -> None:
