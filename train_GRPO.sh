@@ -4,7 +4,7 @@
 # reproduces the TinyLoRA seed: GRPO with 32 shared trainable parameters on C++ stdin/stdout tasks.
 #
 #   PRESET=tiny bash train_GRPO.sh   # CPU, offline: the tiny local model on the toy Python tasks
-#   PRESET=small bash train_GRPO.sh  # CPU, offline, about an hour: SmolLM2-135M-Instruct on clean
+#   PRESET=small bash train_GRPO.sh  # CPU, offline, ~40 minutes: SmolLM2-135M-Instruct on clean
 #                                    # toy Python tasks: GRPO (LoRA) from the SFT adapter, and
 #                                    # GRPO with TinyLoRA (32 shared parameters) from the base
 #   bash train_GRPO.sh               # one 16-24 GB GPU (internet for the C++ data and models):
@@ -29,7 +29,7 @@ set -euo pipefail
 
 # ---- settings: environment variables, defaults shown ----------------------------------------------
 PRESET=${PRESET:-full}          # full: the seeds' experiments (GPU); tiny: CPU, offline, minutes;
-#                                 small: SmolLM2-135M-Instruct on CPU, offline, about an hour
+#                                 small: SmolLM2-135M-Instruct on CPU, offline, ~40 minutes
 OUT=${OUT:-results/grpo}        # everything this run writes; the table is $OUT/table.md
 SEED=${SEED:-42}                # training seed (evaluation is greedy)
 DATA=${DATA:-$OUT/data}         # task files, written by prepare_data.py when missing

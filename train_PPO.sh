@@ -3,7 +3,7 @@
 # evaluated greedily on the same held-out tasks with the same settings.
 #
 #   PRESET=tiny bash train_PPO.sh   # CPU, offline: the tiny local model on the toy Python tasks
-#   PRESET=small bash train_PPO.sh  # CPU, offline, about an hour: SmolLM2-135M-Instruct
+#   PRESET=small bash train_PPO.sh  # CPU, offline, ~40 minutes: SmolLM2-135M-Instruct
 #                                   # (converted by prepare_model.py) on clean toy Python tasks
 #   bash train_PPO.sh               # one 16-24 GB GPU: the seed's four PPO runs on
 #                                   # deepseek-coder-1.3b-base (alpha 0.01 / 0.03 x batch 4 / 8)
@@ -20,7 +20,7 @@ set -euo pipefail
 
 # ---- settings: environment variables, defaults shown ----------------------------------------------
 PRESET=${PRESET:-full}          # full: the seed's experiment (GPU); tiny: CPU, offline, minutes;
-#                                 small: SmolLM2-135M-Instruct on CPU, offline, about an hour
+#                                 small: SmolLM2-135M-Instruct on CPU, offline, ~40 minutes
 OUT=${OUT:-results/ppo}         # everything this run writes; the table is $OUT/table.md
 SEED=${SEED:-42}                # training seed (evaluation is greedy)
 DATA=${DATA:-$OUT/data}         # task files, written by prepare_data.py when missing
