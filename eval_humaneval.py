@@ -44,6 +44,8 @@ from pathlib import Path
 from coderl.cli import SEED_RANGE, parse_args, seed_everything
 from coderl.errors import UserError, exit_on_user_error
 from coderl.evaluation import (
+    add_table_row,
+    check_table,
     per_task_counts,
     per_task_diff,
     result_row,
@@ -276,27 +278,6 @@ def report(summary: dict, name: str, method: str, table_path: Path, k: int = 1) 
     print(row)
 
 
-def add_table_row(table_path: Path, row: str, name: str, k: int = 1) -> None:
-    """Append ``row`` to a markdown table, replacing an earlier row for the same checkpoint."""
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    check_table(table_path, k)
-    lines = (
-        table_path.read_text().splitlines() if table_path.exists() else table_header(k).splitlines()
-    )
-    key = f"| `{name}` |"
-    lines = [line for line in lines if not line.startswith(key)] + [row]
-    tmp = table_path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, table_path)
-
-
-def check_table(table_path: Path, k: int) -> None:
-    """A table that exists must hold pass@k rows: rows of another k would read as comparable."""
-    header = table_header(k).splitlines()
-    if table_path.exists() and table_path.read_text().splitlines()[: len(header)] != header:
-        raise UserError(f"{table_path} is not a table of pass@{k} rows; use another --table")
-
-
 # ----------------------------------------------------------------------------- scoring only
 
 
@@ -428,7 +409,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandbox) -> dict:
-    from coderl.generation import SamplingConfig, generate
+    from coderl.generation import SamplingConfig, generate, sequences_per_task
     from coderl.models import describe_model, load_model
     from coderl.prompts import completion_for_sandbox, render_prompt
     from coderl.rollouts import adapter_folded
@@ -468,8 +449,7 @@ def evaluate_model(args: EvalArgs, model_name: str, tasks: list[dict], ks, sandb
 
     from tqdm.auto import tqdm
 
-    copies = args.n_samples if args.temperature > 0 else 1  # greedy: once per task
-    chunk = max(args.batch_size // copies, 1)
+    chunk = max(args.batch_size // sequences_per_task(cfg), 1)
     pending = None  # (future, samples) of the previous chunk, scored while this one generates
     bar = tqdm(total=len(todo), desc=f"eval {Path(model_name).name}", unit="task")
     for start in range(0, len(todo), chunk):

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from coderl.errors import UserError
 
 
 def table_header(k: int = 1) -> str:
@@ -168,6 +171,27 @@ def table_row(name: str, method: str, summary: dict, k: int = 1) -> str:
     avg = summary.get("avg_num_tokens")
     avg_text = "-" if avg is None else f"{avg:.2f}"
     return f"| `{name}` | {method} | {score:.3f} | {count} / {summary['num_tasks']} | {avg_text} |"
+
+
+def add_table_row(table_path: Path, row: str, name: str, k: int = 1) -> None:
+    """Append ``row`` to a markdown table, replacing an earlier row for the same checkpoint."""
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    check_table(table_path, k)
+    lines = (
+        table_path.read_text().splitlines() if table_path.exists() else table_header(k).splitlines()
+    )
+    key = f"| `{name}` |"
+    lines = [line for line in lines if not line.startswith(key)] + [row]
+    tmp = table_path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, table_path)
+
+
+def check_table(table_path: Path, k: int) -> None:
+    """A table that exists must hold pass@k rows: rows of another k would read as comparable."""
+    header = table_header(k).splitlines()
+    if table_path.exists() and table_path.read_text().splitlines()[: len(header)] != header:
+        raise UserError(f"{table_path} is not a table of pass@{k} rows; use another --table")
 
 
 def per_task_diff(a: Sequence[dict], b: Sequence[dict]) -> dict[str, list[str]]:

@@ -485,7 +485,7 @@ def generate(
             "the tokenizer has no EOS token and the model's generation config names none"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
-    copies = 1 if cfg.temperature == 0 else cfg.n
+    copies = sequences_per_task(cfg)
     items = []
     for t, task in enumerate(tasks):
         prompt_ids = encode_prompt(tokenizer, render_prompt(task, tokenizer, cfg.prompt_mode))
@@ -520,6 +520,12 @@ def generate(
                 finished[index] = (row, lp)
             bar.update(len(batch))
     return _assemble(items, finished, cfg.n)
+
+
+def sequences_per_task(cfg: SamplingConfig) -> int:
+    """Sequences :func:`generate` decodes per task: ``cfg.n``, or 1 when greedy (its ``n``
+    completions are copies of one)."""
+    return 1 if cfg.temperature == 0 else cfg.n
 
 
 def _assemble(items: list[_WorkItem], finished: dict, n: int) -> list[Completion]:
